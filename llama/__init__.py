@@ -1,0 +1,1 @@
+"""llama: placeholder package; its issue fills it in."""

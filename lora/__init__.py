@@ -1,0 +1,1 @@
+"""lora: placeholder package; its issue fills it in."""

@@ -1,0 +1,1 @@
+"""nf4: placeholder package; its issue fills it in."""

@@ -1,0 +1,1 @@
+"""recipe: placeholder package; its issue fills it in."""

@@ -1,0 +1,1 @@
+"""sharding: placeholder package; its issue fills it in."""
