@@ -1,0 +1,233 @@
+"""Read and write Hugging Face Llama checkpoints one decoder layer at a time.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards
+``model-0000i-of-0000n.safetensors`` listed in ``model.safetensors.index.json``.
+
+Streaming design -- ``iter_checkpoint(directory)`` yields ``(layer, tensors)``:
+  - first ``(None, {...})`` with every tensor outside the decoder layers (embed_tokens, norm, lm_head),
+  - then ``(i, {...})`` for decoder layer i = 0, 1, ..., with that layer's tensors,
+keyed by full HF names (``model.layers.3.mlp.up_proj.weight``). Each group is read from memory-mapped
+files (``safe_open``) that are opened for that group and closed after it, so at any moment the process
+holds one layer's tensors plus whatever the caller keeps. Build the model on ``meta``, and for each group
+quantize / shard / copy, then drop the tensors: peak memory is one layer, not the model.
+
+A bitsandbytes pre-quantized 4-bit checkpoint (``weight`` as packed uint8 plus ``weight.absmax``,
+``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``) is recognised: such a weight arrives as ONE entry
+``name -> {"weight": ..., "weight.absmax": ..., ...}``, the linear's state dict with prefix "weight",
+untouched, ready for ``nf4.from_bnb_state_dict(sd, prefix="weight")``.
+
+Every shape is checked against ``config.json`` and every key against the architecture; errors name
+the file and the key. Nothing is unpickled: safetensors holds only raw tensors and a JSON header.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+from .model import Llama
+
+CONFIG_FILE, SINGLE_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+QUANT_STATE = re.compile(r"^(.*\.weight)\.quant_state\.bitsandbytes__(nf4|fp4)$")
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+Value = torch.Tensor | dict[str, torch.Tensor]
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of this config stores (a tied lm_head is not stored)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    return shapes
+
+
+def layer_of(name: str) -> int | None:
+    match = LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own SafetensorError for bad headers / truncation
+        raise ValueError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+def key_to_file(directory: str | Path) -> dict[str, Path]:
+    """Which file holds each tensor (from the index, or from the single file's header)."""
+    directory = Path(directory)
+    if (directory / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{directory / INDEX_FILE}: not a safetensors index ({err!r})") from None
+        return {key: directory / file for key, file in weight_map.items()}
+    if (directory / SINGLE_FILE).is_file():
+        with _open(directory / SINGLE_FILE) as f:
+            return {key: directory / SINGLE_FILE for key in f.keys()}
+    raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _group_bnb(files: dict[str, Path]) -> dict[str, list[str]]:
+    """Entry name -> stored keys: a bnb 4-bit weight gathers its companions, any other key stands alone."""
+    quantized = {m.group(1) for key in files if (m := QUANT_STATE.match(key))}
+    entries: dict[str, list[str]] = {}
+    for key in files:
+        owner = next((key[: -len(s)] for s in BNB_SUFFIXES if key.endswith(s) and key[: -len(s)] in quantized), None)
+        entries.setdefault(owner or key, []).append(key)
+    return entries
+
+
+def _check_keys(entries: dict[str, list[str]], files: dict[str, Path], shapes: dict) -> None:
+    missing = sorted(set(shapes) - set(entries))
+    unexpected = sorted(set(entries) - set(shapes))
+    if missing:
+        raise KeyError(f"checkpoint is missing {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                       f"(expected in {sorted({str(p) for p in files.values()})})")
+    if unexpected:
+        raise KeyError(f"unexpected key {unexpected[0]!r} in {files[entries[unexpected[0]][0]]}"
+                       f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+
+
+def _read_entry(name: str, keys: list[str], files: dict[str, Path], handles: dict, shape) -> Value:
+    def read(key: str) -> torch.Tensor:
+        path = files[key]
+        if key not in handles[path].keys():
+            raise KeyError(f"{path}: the index lists {key!r} but the file does not hold it")
+        try:
+            return handles[path].get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"{path}: cannot read tensor {key!r} ({err})") from None
+
+    if keys == [name]:
+        tensor = read(name)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{files[name]}: tensor {name!r} has shape {tuple(tensor.shape)} "
+                             f"but config.json implies {shape}")
+        return tensor
+    state = {"weight" + key[len(name):]: read(key) for key in keys}  # keys relative to prefix "weight"
+    state_key = next(k for k in state if k.startswith("weight.quant_state."))
+    stored = tuple(json.loads(bytes(state[state_key].tolist()).decode())["shape"])
+    if stored != shape:
+        raise ValueError(f"{files[name]}: 4-bit tensor {name!r} has shape {stored} but config.json implies {shape}")
+    return state
+
+
+def iter_checkpoint(directory: str | Path, config: LlamaConfig | None = None) -> Iterator[tuple[int | None, dict]]:
+    """Yield ``(None, non-layer tensors)``, then ``(i, layer i's tensors)`` for each decoder layer."""
+    directory = Path(directory)
+    config = config or LlamaConfig.from_hf(directory)
+    files = key_to_file(directory)
+    entries = _group_bnb(files)
+    shapes = expected_shapes(config)
+    _check_keys(entries, files, shapes)
+    groups: dict[int | None, list[str]] = defaultdict(list)
+    for name in shapes:  # architecture order: embed, layers 0.., norm, lm_head
+        groups[layer_of(name)].append(name)
+    for layer in [None, *range(config.num_hidden_layers)]:
+        names = groups[layer]
+        paths = {files[key] for name in names for key in entries[name]}
+        with ExitStack() as stack:  # this group's files are mapped only while it is read
+            handles = {path: stack.enter_context(_open(path)) for path in sorted(paths)}
+            tensors = {name: _read_entry(name, entries[name], files, handles, shapes[name]) for name in names}
+        yield layer, tensors
+
+
+def load_checkpoint(model: Llama | None, directory: str | Path,
+                    on_tensor: Callable[[str, Value], torch.Tensor | None] | None = None) -> Llama:
+    """Load ``directory`` into ``model`` (built from its config.json on ``meta`` if None), layer by layer.
+
+    A parameter still on ``meta`` is replaced by the loaded tensor (keeping the checkpoint's dtype);
+    a materialised one is copied into. ``on_tensor(name, value)``, if given, sees every entry first:
+    it returns the tensor to load (possibly transformed) or None when it has consumed the entry itself
+    (e.g. quantized it into a replacement module). A pre-quantized 4-bit entry must be consumed."""
+    config = LlamaConfig.from_hf(directory)
+    if model is None:
+        with torch.device("meta"):
+            model = Llama(config)
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be a llama.Llama or None, got {type(model).__name__}")
+    for _, tensors in iter_checkpoint(directory, config):
+        for name, value in tensors.items():
+            value = on_tensor(name, value) if on_tensor is not None else value
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name!r} in {directory} is pre-quantized 4-bit: pass an on_tensor that "
+                                 "consumes it (e.g. nf4.from_bnb_state_dict), or use iter_checkpoint")
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            current = getattr(module, attr)
+            if current.is_meta:
+                setattr(module, attr, torch.nn.Parameter(value, requires_grad=current.requires_grad))
+            else:
+                with torch.no_grad():
+                    current.copy_(value)
+    if config.tie_word_embeddings:  # re-tie: assigning embed_tokens.weight replaced the shared Parameter
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; a checkpoint is meant to be shared
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: Llama, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
+                    dtype: torch.dtype | None = None) -> list[Path]:
+    """Write ``config.json`` plus one ``model.safetensors`` or, above ``max_shard_bytes``, shards and an
+    index. Every file is written to a temporary name and renamed (``os.replace``); the index is written
+    last and a stale single file / index from an earlier save is removed. Returns the tensor files."""
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be a llama.Llama, got {type(model).__name__}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    if any(t.is_meta for t in state.values()):
+        raise ValueError("cannot save a model whose parameters are still on the meta device")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    config = {**model.config.to_hf(), "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+    _atomic(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    if len(shards) == 1:
+        (directory / INDEX_FILE).unlink(missing_ok=True)
+        _atomic(directory / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        return [directory / SINGLE_FILE]
+    (directory / SINGLE_FILE).unlink(missing_ok=True)
+    paths = [directory / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for path, shard in zip(paths, shards):
+        _atomic(path, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {name: path.name for path, shard in zip(paths, shards) for name in shard}}
+    _atomic(directory / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    return paths

@@ -1,0 +1,70 @@
+"""A corpus that exists offline on every machine with Python: the standard library's own source.
+
+Files are the ``*.py`` under ``sysconfig.get_paths()["stdlib"]``, in sorted order (deterministic),
+EXCLUDING:
+  - ``pydoc_data/``: its ``topics.py`` is the English documentation text that the fine-tuning recipe
+    uses as a *different* domain, so pretraining must never see it;
+  - ``site-packages/`` and ``dist-packages/``: installed third-party code, differs per machine;
+  - test suites (``test/``, ``tests/``, ``idle_test/``, ``*_test``): large, repetitive, data-heavy.
+Each file goes to the held-out split when the CRC32 of its relative path falls in the last
+``holdout_percent`` of 100 buckets -- a property of the name alone, so the split is the same on any
+machine that has the file (a Python 3.11 on another machine may hold slightly different files).
+"""
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from pathlib import Path
+
+import torch
+
+EXCLUDED_DIRS = {"pydoc_data", "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_excluded(relative: Path) -> bool:
+    return any(part in EXCLUDED_DIRS or part.endswith("_test") for part in relative.parts[:-1])
+
+
+def stdlib_files(split: str, holdout_percent: int = 5, root: Path | None = None) -> list[Path]:
+    """Sorted source files of ``split`` ("train" or "heldout")."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not 0 < holdout_percent < 100:
+        raise ValueError(f"holdout_percent must be in 1..99, got {holdout_percent}")
+    root = root or stdlib_root()
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if is_excluded(relative):
+            continue
+        heldout = zlib.crc32(relative.as_posix().encode()) % 100 >= 100 - holdout_percent
+        if heldout == (split == "heldout"):
+            files.append(path)
+    return files
+
+
+def stdlib_bytes(split: str, holdout_percent: int = 5, root: Path | None = None) -> torch.Tensor:
+    """The split as one uint8 tensor of UTF-8 bytes (= byte-tokenizer ids), files joined by a blank line."""
+    chunks = [p.read_bytes() + b"\n\n" for p in stdlib_files(split, holdout_percent, root)]
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def batches(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """One random batch of windows (batch, seq_len) from a 1-D token tensor, as int64 ids."""
+    if data.numel() <= seq_len:
+        raise ValueError(f"corpus of {data.numel()} tokens is shorter than seq_len={seq_len}")
+    starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
+    return torch.stack([data[s:s + seq_len] for s in starts.tolist()]).long()
+
+
+def heldout_windows(data: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows over the held-out bytes, deterministic (evenly spaced if capped)."""
+    n = data.numel() // seq_len
+    windows = data[: n * seq_len].view(n, seq_len)
+    if max_windows is not None and n > max_windows:
+        windows = windows[torch.linspace(0, n - 1, max_windows).long()]
+    return windows.long()

@@ -1,0 +1,130 @@
+"""Pretrain the small bundled base model on the Python standard library's source (byte tokens).
+
+    python -m llama.pretrain --out assets/tiny-llama --seed 0
+
+Plain next-token training (AdamW, linear warmup then cosine decay, gradient clipping at 1.0), fp32
+on CPU; the weights are saved in bf16 (``llama.save_checkpoint``) and the final held-out loss is
+measured on exactly those bf16 weights, re-read from disk. Writes ``config.json``,
+``model.safetensors`` and ``pretrain_log.json`` (arguments, wall time, loss curve) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import LlamaConfig
+from .corpus import batches, heldout_windows, stdlib_bytes
+from .model import Llama
+from .tokenizer import ByteTokenizer
+
+
+def tiny_config(hidden: int = 256, layers: int = 6, heads: int = 8, kv_heads: int = 2,
+                intermediate: int = 688, seq_len: int = 256) -> LlamaConfig:
+    tok = ByteTokenizer()
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=tok.vocab_size,
+                       max_position_embeddings=seq_len, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+
+
+def init_weights(model: Llama, std: float = 0.02) -> None:
+    """GPT-2 / HF Llama initialisation: every matrix N(0, std), norm weights 1."""
+    for name, p in model.named_parameters():
+        torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.normal_(p, 0.0, std)
+
+
+@torch.no_grad()
+def evaluate(model: Llama, windows: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats per byte) over ``windows`` (n, seq_len)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        _, loss = model(chunk, labels=chunk)
+        n = chunk.numel() - chunk.shape[0]
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / count
+
+
+def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
+    """Baseline: held-out cross-entropy of the training set's byte frequencies (add-one smoothed)."""
+    counts = torch.bincount(train.long(), minlength=256).double() + 1
+    log_p = (counts / counts.sum()).log()
+    return float(-log_p[heldout.long()].mean())
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-windows", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=688)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    config = tiny_config(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.seq_len)
+    model = Llama(config)
+    init_weights(model)
+    train, heldout = stdlib_bytes("train"), stdlib_bytes("heldout")
+    windows = heldout_windows(heldout, args.seq_len, args.eval_windows)
+    baseline = unigram_loss(train, heldout)
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; train {train.numel():,} bytes, "
+          f"held-out {heldout.numel():,} bytes; unigram baseline {baseline:.4f} nats/byte")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    generator = torch.Generator().manual_seed(args.seed)
+    curve = []
+    bar = tqdm(range(args.steps), desc="pretrain")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        x = batches(train, args.batch_size, args.seq_len, generator)
+        _, loss = model(x, labels=x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": evaluate(model, windows)})
+            bar.set_postfix(train=f"{loss.item():.3f}", heldout=f"{curve[-1]['heldout_loss']:.3f}")
+
+    save_checkpoint(model, args.out, dtype=torch.bfloat16)
+    final = evaluate(load_checkpoint(None, args.out).float(), windows)  # bundled bf16 weights, fp32 math
+    log = {"command": f"python -m llama.pretrain --out {args.out} --seed {args.seed}", "args": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "wall_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+        "unigram_heldout_loss": round(baseline, 4), "final_heldout_loss_bf16": round(final, 4), "curve": curve}
+    (args.out / "pretrain_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(f"held-out loss {final:.4f} nats/byte (bf16 weights; unigram baseline {baseline:.4f}); "
+          f"wall {log['wall_seconds']} s; wrote {args.out}")
+    return log
+
+
+if __name__ == "__main__":
+    main()
