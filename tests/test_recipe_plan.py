@@ -1,0 +1,103 @@
+"""The memory planner's arithmetic, checked against numbers worked out by hand (recipe/plan.py)."""
+import pytest
+
+from recipe.plan import ALL_LINEAR, GiB, Setup, Shape, lora_parameters, main, plan, quantized_bytes
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=100)
+LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, vocab_size=32000)
+
+
+def row(p, name):
+    return next(b for n, b, _, _ in p.rows if n.startswith(name))
+
+
+def test_nf4_bytes_of_one_weight():
+    # 4096 weights: 2048 code bytes; 64 blocks -> 64 one-byte absmax + one fp32 scale (4) + tables 1028 + 64
+    assert quantized_bytes(4096, 64, double_quant=True) == (2048, 64 + 4 + 1028 + 64)
+    # without double quant: 64 fp32 absmax = 256 bytes (+ the 64-byte NF4 table)
+    assert quantized_bytes(4096, 64, double_quant=False) == (2048, 256 + 64)
+    # odd counts round up: 65 weights -> 33 bytes, 2 blocks
+    assert quantized_bytes(65, 64, double_quant=False) == (33, 8 + 64)
+
+
+def test_bits_per_parameter_of_a_70b_matrix_is_4_127():
+    n = 8192 * 28672
+    codes, absmax = quantized_bytes(n)
+    assert 8 * (codes + absmax) / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), rel=1e-4)
+
+
+def test_lora_parameter_count_tiny_by_hand():
+    # head_dim 16, kv width 32; r=8: q 8*(64+64), k,v 8*(64+32), o 8*(64+64), gate/up/down 8*(64+128)
+    per_layer = 1024 + 768 + 768 + 1024 + 3 * 1536
+    assert lora_parameters(Shape.of(TINY), Setup(rank=8)) == 2 * per_layer
+    assert lora_parameters(Shape.of(TINY), Setup(rank=8, target_modules=("q_proj",))) == 2 * 1024
+    # DoRA adds one magnitude per output feature: 64 for q_proj
+    assert lora_parameters(Shape.of(TINY), Setup(rank=8, target_modules=("q_proj",), dora=True)) == 2 * (1024 + 64)
+
+
+def test_lora_parameter_count_llama2_70b_r64_all_linear():
+    # the number PEFT prints for Llama-2-70B, r=64, all linear layers: 828,375,040
+    assert lora_parameters(Shape.of(LLAMA2_70B), Setup(rank=64)) == 828_375_040
+
+
+def test_70b_nf4_codes_are_half_a_byte_per_linear_weight_split_over_ranks():
+    p = plan(LLAMA2_70B, Setup(world_size=2))
+    linear_weights = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)  # 68,451,041,280
+    assert linear_weights == 68_451_041_280
+    assert row(p, "NF4 codes") == linear_weights // 2 // 2
+    # embeddings + lm_head (2 x 32000 x 8192) + 161 norms of 8192, in bf16, halved
+    assert row(p, "embeddings") == (2 * 32000 * 8192 * 2) // 2 + 80 * (2 * 8192 * 2) // 2 + 8192 * 2 // 2
+
+
+def test_sharded_rows_scale_with_world_size_and_activations_do_not():
+    p2, p4 = plan(LLAMA2_70B, Setup(world_size=2)), plan(LLAMA2_70B, Setup(world_size=4))
+    for name in ("NF4 codes", "absmax", "LoRA fp32"):
+        assert row(p4, name) == pytest.approx(row(p2, name) / 2, rel=1e-6)
+    assert row(p4, "activations: layer inputs") == row(p2, "activations: layer inputs")
+
+
+def test_checkpointing_keeps_only_layer_inputs():
+    shape, c = Shape.of(TINY), 4
+    on = plan(shape, Setup(compute_bytes=c, batch_size=3, seq_len=5, activation_checkpointing=True))
+    off = plan(shape, Setup(compute_bytes=c, batch_size=3, seq_len=5, activation_checkpointing=False))
+    assert row(on, "activations: layer inputs") == 2 * 3 * 5 * 64 * c   # layers x tokens x hidden x bytes
+    assert row(off, "activations: all layers") == 2 * row(on, "activations: one layer")
+    assert off.peak_gpu_bytes > on.peak_gpu_bytes
+
+
+def test_offload_moves_shards_to_cpu():
+    on, off = plan(LLAMA2_70B, Setup(offload=True)), plan(LLAMA2_70B, Setup(offload=False))
+    assert on.total("cpu") == row(off, "NF4 codes") + row(off, "absmax") + row(off, "embeddings") + row(off, "LoRA")
+    assert on.peak_gpu_bytes == off.peak_gpu_bytes - on.total("cpu")
+
+
+def test_reference_70b_run_on_two_24gb_gpus():
+    """The reference run (Llama-2-70B, 2 x 24 GB, batch 2, ctx 2048, r=64 on q,k,v,gate,up,down,
+    checkpointing, CPU offload) peaked at 14.92 GiB/GPU: the plan must fit it; without offload the 4-bit
+    shards alone (16 GiB) plus the rest do not fit in 24 GiB."""
+    targets = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    setup = dict(world_size=2, batch_size=2, seq_len=2048, rank=64, target_modules=targets)
+    offloaded = plan("llama-2-70b", Setup(offload=True, **setup))
+    assert offloaded.fits and offloaded.peak_gpu_bytes < 14.92 * GiB
+    assert not plan("llama-2-70b", Setup(offload=False, **setup)).fits
+    assert plan("llama-2-70b", Setup(offload=False, **{**setup, "world_size": 4})).fits  # 4 GPUs, no offload
+
+
+def test_bad_setup_is_a_clear_error():
+    with pytest.raises(ValueError, match="world_size"):
+        Setup(world_size=0)
+    with pytest.raises(ValueError, match="target_modules"):
+        Setup(target_modules=("qkv",))
+    with pytest.raises(ValueError, match="compute_bytes"):
+        Setup(compute_bytes=3)
+    with pytest.raises(ValueError, match="missing"):
+        Shape.of({"hidden_size": 8})
+
+
+def test_command_line_prints_a_table(capsys):
+    result = main(["llama-2-70b", "--batch-size", "2", "--offload"])
+    out = capsys.readouterr().out
+    assert "peak on the device" in out and "fits" in out
+    assert result.setup.target_modules == ALL_LINEAR
