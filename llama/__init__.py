@@ -1,1 +1,15 @@
-"""llama: placeholder package; its issue fills it in."""
+"""llama: a small pure-PyTorch Llama with Hugging Face names that streams checkpoints layer by layer.
+
+    cfg = llama.LlamaConfig.preset("llama-2-70b")          # or LlamaConfig.from_hf("ckpt/")
+    with torch.device("meta"):
+        model = llama.Llama(cfg)                           # 70B shape, no memory
+    for layer, tensors in llama.iter_checkpoint("ckpt/"):  # one decoder layer at a time
+        ...
+"""
+from .checkpoint import iter_checkpoint, load_checkpoint, save_checkpoint
+from .config import PRESETS, LlamaConfig
+from .model import Llama, causal_lm_loss
+from .tokenizer import ByteTokenizer, load_tokenizer
+
+__all__ = ["LlamaConfig", "PRESETS", "Llama", "causal_lm_loss", "iter_checkpoint", "load_checkpoint",
+           "save_checkpoint", "ByteTokenizer", "load_tokenizer"]
