@@ -1,0 +1,126 @@
+"""`LoRALinear`: a frozen linear-like base plus a trainable low-rank update (LoRA, rsLoRA, DoRA).
+
+LoRA (Hu et al. 2021, Eq. 3):   y = W x + b + s * B A x,   A: [r, in], B: [out, r],   s = alpha / r
+rsLoRA (Kalajdzievski 2023):    s = alpha / sqrt(r), so the update's scale does not vanish as r grows.
+DoRA (Liu et al. 2024, Eq. 5):  y = m / ||W + s B A||_c * (W + s B A) x + b,   the norm detached (Sec. 4.3)
+
+A starts Kaiming-uniform (a = sqrt(5), as ``nn.Linear``) and B at zero, so at step 0 the layer computes
+exactly ``base(x)``. The names ``lora_A``, ``lora_B`` (``nn.Linear`` without bias, so their weights have
+PEFT's shapes ``[r, in]`` and ``[out, r]``), ``lora_magnitude_vector`` and ``base_layer`` make this
+module's state-dict keys PEFT's, minus PEFT's adapter name.
+
+The base runs through `FrozenLinear` (frozen.py): no weight gradient, nothing saved, the weight
+dequantized again in backward. The adapter runs in plain autograd in ``dtype`` (float32 by default,
+like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back.
+"""
+import math
+
+import torch
+from torch import nn
+
+from .base_weight import dequantized_weight, is_linear_like, replace_weight
+from .frozen import frozen_linear
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 rslora: bool = False, dora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(f"base must be linear-like (in_features, out_features, weight); got {type(base).__name__}")
+        in_features, out_features = base.in_features, base.out_features
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(in_features, out_features):
+            raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, "
+                             f"{min(in_features, out_features)}]; got {r!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0; got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.base_layer = base.requires_grad_(False)
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base_tensors = [*base.parameters(), *base.buffers()]
+        device = base_tensors[0].device if base_tensors else None
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if dora else None
+        self.merged = False
+        self._merged_norm = None  # DoRA: the norm used by merge, needed to undo it exactly
+
+    @property
+    def dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``s * B @ A``, shape [out, in], in the adapter dtype."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ``||W + s B A||_c``: one L2 norm per output feature, shape [out] (detached).
+
+        The paper's W is [in, out] acting as ``x W``, so its columns are output features; PyTorch
+        stores [out, in], so it is the norm over dim=1 -- PEFT's ``lora_magnitude_vector``.
+        """
+        weight = dequantized_weight(self.base_layer, self.lora_A.weight.dtype)
+        return torch.linalg.vector_norm(weight + self.delta_weight(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input x has last dimension {x.shape[-1]}, expected in_features = {self.in_features}")
+        result = frozen_linear(self.base_layer, x)
+        if self.merged:
+            return result
+        x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(x_lora)) * self.scaling
+        if not self.dora:
+            return result + update.to(result.dtype)
+        return self._dora_forward(x, x_lora, result, update)
+
+    def _dora_forward(self, x, x_lora, result, update):
+        """PEFT's DoRA: ``base(x) + (g - 1) W x_d + g s B A x_d``, ``g = m / ||W + s B A||`` detached.
+
+        Without dropout (``x_d = x``) that is exactly DoRA's ``g (W x + s B A x) + b``, and ``W x`` is
+        read off the base output; with dropout PEFT recomputes ``W x_d``, and so do we.
+        """
+        gain = self.lora_magnitude_vector / self.weight_norm()
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_out = result if bias is None else result - bias
+        else:
+            base_out = frozen_linear(self.base_layer, x_lora.to(x.dtype))
+            base_out = base_out if bias is None else base_out - bias
+        return (result + (gain - 1) * base_out + gain * update).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight: ``W <- W + s B A`` (DoRA: ``g (W + s B A)``)."""
+        if self.merged:
+            return
+        weight = dequantized_weight(self.base_layer, torch.float32)
+        merged = weight + self.delta_weight().float()
+        if self.dora:
+            self._merged_norm = torch.linalg.vector_norm(merged, dim=1)
+            merged = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None] * merged
+        replace_weight(self.base_layer, merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge` (exact up to rounding of the base's storage dtype or quantizer)."""
+        if not self.merged:
+            return
+        weight = dequantized_weight(self.base_layer, torch.float32)
+        if self.dora:
+            weight = weight / (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
+        replace_weight(self.base_layer, weight - self.delta_weight().float())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, rslora={self.rslora}, dora={self.dora}, merged={self.merged}")
