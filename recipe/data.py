@@ -1,0 +1,130 @@
+"""The fine-tuning corpus and a sampler that can stop and resume at the exact same batch.
+
+The default corpus is a different domain from the one the bundled model was pretrained on (Python
+source, ``llama/corpus.py``): the English documentation in the standard library's
+``pydoc_data/topics.py`` -- the text ``help("if")`` prints -- found through ``sysconfig`` and read by
+importing the module and taking its ``topics`` dict (a plain dict literal; nothing is unpickled).
+``--data`` may point to a text file or a directory of ``.txt``/``.md``/``.rst`` files instead.
+
+Every document goes to the held-out split when the CRC32 of its name falls in the last
+``heldout_percent`` buckets (a property of the name alone: the same split on every machine); a corpus
+of a single document is cut at ``1 - heldout_percent / 100`` of its tokens instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sysconfig
+import zlib
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+def pydoc_topics_path() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+
+
+def load_documents(data: str | Path | None = None) -> dict[str, str]:
+    """``{name: text}``: the pydoc topics (default), one text file, or every text file under a directory."""
+    if data is None:
+        path = pydoc_topics_path()
+        spec = importlib.util.spec_from_file_location("_pydoc_topics", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return {name: module.topics[name] for name in sorted(module.topics)}
+    path = Path(data)
+    if path.is_file():
+        return {path.name: path.read_text(encoding="utf-8", errors="replace")}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"--data directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files")
+        return {p.relative_to(path).as_posix(): p.read_text(encoding="utf-8", errors="replace") for p in files}
+    raise FileNotFoundError(f"--data {path} is neither a file nor a directory")
+
+
+def encode_ids(tokenizer, text: str) -> list[int]:
+    """Token ids with BOS/EOS around the document: ``llama.ByteTokenizer`` or a ``tokenizers.Tokenizer``."""
+    if hasattr(tokenizer, "bos_token_id"):
+        return tokenizer.encode(text, bos=True, eos=True)
+    return tokenizer.encode(text).ids
+
+
+def tokenize_splits(documents: dict[str, str], tokenizer, heldout_percent: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train ids, held-out ids) as 1-D int64 tensors, documents concatenated in name order."""
+    if not 0 < heldout_percent < 100:
+        raise ValueError(f"heldout_percent must be in 1..99, got {heldout_percent}")
+    if len(documents) == 1:
+        ids = torch.tensor(encode_ids(tokenizer, next(iter(documents.values()))), dtype=torch.int64)
+        cut = int(len(ids) * (1 - heldout_percent / 100))
+        return ids[:cut], ids[cut:]
+    splits = {"train": [], "heldout": []}
+    for name, text in documents.items():
+        heldout = zlib.crc32(name.encode()) % 100 >= 100 - heldout_percent
+        splits["heldout" if heldout else "train"] += encode_ids(tokenizer, text)
+    return tuple(torch.tensor(splits[s], dtype=torch.int64) for s in ("train", "heldout"))
+
+
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows ``(n, seq_len)`` of a token stream (the tail that does not fill one is dropped)."""
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"a split of {len(ids)} tokens is shorter than seq_len={seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+class Sampler:
+    """Shuffled windows, one global batch per call, each rank taking its rows; resumable exactly.
+
+    Epoch e visits the windows in ``randperm(n, generator seeded with seed + e)``; a global batch is
+    ``batch_size * world_size`` consecutive windows of that order (wrapping into the next epoch), and rank
+    r takes rows ``[r * batch_size, (r + 1) * batch_size)``. The whole state is two integers
+    (``state_dict``), so a resumed run draws the very same batches as an uninterrupted one.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        if len(windows) < batch_size * world_size:
+            raise ValueError(f"{len(windows)} windows cannot fill one global batch of "
+                             f"{batch_size} x {world_size} ranks; use a smaller --batch-size or --seq-len")
+        self.windows, self.batch_size, self.rank, self.world_size, self.seed = windows, batch_size, rank, world_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's ``(batch_size, seq_len)`` ids of the next global batch."""
+        rows = []
+        for _ in range(self.batch_size * self.world_size):
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            rows.append(self._order[self.position])
+            self.position += 1
+        mine = torch.stack(rows)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return self.windows[mine]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"checkpoint sampler seed {state['seed']} != --seed {self.seed}")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def eval_batches(windows: torch.Tensor, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1):
+    """The first ``n_batches`` global batches of the held-out windows, in order, this rank's rows."""
+    per_global = batch_size * world_size
+    n_batches = min(n_batches, len(windows) // per_global)
+    if n_batches == 0:
+        raise ValueError(f"held-out split has {len(windows)} windows, fewer than one global batch ({per_global})")
+    for b in range(n_batches):
+        start = b * per_global + rank * batch_size
+        yield windows[start:start + batch_size]
