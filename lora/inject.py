@@ -76,6 +76,10 @@ def inject(model: nn.Module, target_modules: str | Sequence[str] = "all-linear",
         parent = model.get_submodule(parent_name)
         setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r=r, alpha=alpha, dropout=dropout,
                                                rslora=rslora, dora=dora, **layer_kwargs))
+    for _, layer in lora_layers(model):  # adapters from this call and any earlier one stay trainable
+        for parameter in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector):
+            if parameter is not None:
+                parameter.requires_grad_(True)
     return targets
 
 
