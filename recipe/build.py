@@ -1,0 +1,224 @@
+"""Build the model to train: meta -> for each decoder layer: load, quantize, add LoRA -> shard.
+
+    built = build(BuildOptions(model="assets/tiny-llama", quant="nf4", lora="ours", shard="ours"))
+    loss = built.forward(ids, labels=ids)[1]; loss.backward(); AdamW(built.parameters)...
+
+The model is created on the ``meta`` device (no memory), then the checkpoint is streamed one decoder
+layer at a time (``llama.iter_checkpoint``): each linear is quantized to NF4 as it arrives and the
+bf16/fp32 source is dropped, the target linears get LoRA adapters, the norms are cast to the compute
+dtype. Then every decoder layer (and the embedding and lm_head) becomes a sharding unit.
+
+Each component has a library twin, chosen by one option, so one swap at a time can be compared:
+
+    quant  nf4  ``nf4.Linear4bit``            bnb   bitsandbytes ``Linear4bit``     none  frozen nn.Linear
+    lora   ours ``lora.inject``               peft  PEFT's LoRA layers (``inject_adapter_in_model``)
+    shard  ours ``sharding.shard_model``      fsdp2 PyTorch ``fully_shard``          none  data parallel
+
+LoRA's A matrices are re-drawn from ``seed`` and the module name (Kaiming-uniform, bound 1/sqrt(in),
+what both LoRA implementations draw), so every rank and every variant starts from the same adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import llama
+import lora
+import nf4
+import sharding
+
+from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHOICES = {"quant": ("nf4", "bnb", "none"), "lora": ("ours", "peft"), "shard": ("ours", "fsdp2", "none")}
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    model: str | Path = DEFAULT_MODEL
+    quant: str = "nf4"
+    lora: str = "ours"
+    shard: str = "ours"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    dora: bool = False
+    target_modules: tuple[str, ...] = LINEARS
+    compute_dtype: torch.dtype = torch.float32
+    offload: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.shard == "fsdp2" and self.quant == "bnb":
+            raise ValueError("--quant bnb with --shard fsdp2 is not supported: FSDP2 would shard bitsandbytes' "
+                             "Params4bit and lose its quant_state (swap one component at a time)")
+        if self.lora == "peft" and self.dora and self.quant != "none":
+            raise ValueError("--lora peft --dora needs --quant none here (PEFT's DoRA reads the weight itself)")
+
+
+@dataclasses.dataclass
+class Built:
+    model: nn.Module            # the Llama, with quantized linears and LoRA layers
+    forward: object             # call this: the sharded wrapper, or the model
+    parameters: list            # what the optimizer steps (local master shards under sharding)
+    sharded: object | None      # sharding.ShardedModel for --shard ours
+    lora_names: list[str]
+    load_peak_rss: int          # bytes: the RSS high-water mark while loading, quantizing and sharding
+    rss_before_load: int
+
+
+class ShardableBnbLinear4bit:
+    """Mixin-built subclass of bitsandbytes ``Linear4bit`` (see `bnb_linear4bit`): when a sharder replaces
+    the packed weight by a plain uint8 view, reading ``.weight`` re-attaches the module's ``QuantState``
+    to it -- what bitsandbytes' own ``fix_4bit_weight_quant_state_from_module`` does for FSDP, without
+    re-registering a Parameter the sharder would then fail to overwrite."""
+
+    @property
+    def weight(self):
+        w = self._parameters["weight"] if "weight" in self._parameters else self.__dict__["_sharded_weight"]
+        if w is not None and getattr(w, "quant_state", None) is None and getattr(self, "quant_state", None) is not None:
+            w.quant_state = self.quant_state
+        return w
+
+    @weight.setter
+    def weight(self, value):
+        self.__dict__["_sharded_weight"] = value
+
+
+def bnb_linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, block_size: int = 64) -> nn.Module:
+    """A bitsandbytes NF4 ``Linear4bit`` (double quantization) holding ``weight``, quantized on CPU."""
+    bnb = __import__("bitsandbytes")
+    cls = type("ShardableBnbLinear4bit", (ShardableBnbLinear4bit, bnb.nn.Linear4bit), {})
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        module = cls(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                     compress_statistics=True, quant_type="nf4")
+    module.weight = bnb.nn.Params4bit(weight.detach().to("cpu"), requires_grad=False, blocksize=block_size,
+                                      compress_statistics=True, quant_type="nf4", module=module)
+    module.weight = module.weight.to("cpu")  # Params4bit quantizes when moved to a device
+    module.support_avx512bf16_for_cpu = False  # never repack the bytes in place at eval time
+    return module
+
+
+def frozen_linear_module(weight, quant: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The frozen base linear for one checkpoint entry (a tensor, or a bitsandbytes 4-bit state dict)."""
+    if isinstance(weight, dict):  # pre-quantized bitsandbytes checkpoint: never dequantized
+        if quant != "nf4":
+            raise ValueError("a pre-quantized 4-bit checkpoint needs --quant nf4")
+        return nf4.Linear4bit.from_bnb_state_dict(weight, prefix="weight", compute_dtype=compute_dtype)
+    if quant == "nf4":
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        return nf4.Linear4bit.from_linear(linear, block_size=64, double_quant=True, compute_dtype=compute_dtype)
+    if quant == "bnb":
+        return bnb_linear4bit(weight, compute_dtype)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
+    return linear
+
+
+def add_lora(module: nn.Module, opts: BuildOptions) -> list[str]:
+    """Wrap ``opts.target_modules`` inside ``module`` with LoRA (ours or PEFT's); return the wrapped names."""
+    if opts.lora == "ours":
+        return lora.inject(module, target_modules=list(opts.target_modules), r=opts.rank, alpha=opts.alpha,
+                           dropout=opts.dropout, dora=opts.dora)
+    peft = __import__("peft")
+    config = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
+                             target_modules=list(opts.target_modules), init_lora_weights=True)
+    config._register_custom_module({nf4.Linear4bit: peft.tuners.lora.layer.Linear})
+    lora.select_targets(module, list(opts.target_modules))  # the same clear error for a pattern matching nothing
+    peft.inject_adapter_in_model(config, module)
+    module.requires_grad_(False)
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return [n for n, m in module.named_modules() if hasattr(m, "lora_A") and not n.endswith("lora_A")]
+
+
+@torch.no_grad()
+def reset_lora_init(model: nn.Module, seed: int) -> None:
+    """Re-draw every LoRA A from (seed, module name): U(-1/sqrt(in), 1/sqrt(in)), B stays zero."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and ".lora_A." in name and name.endswith("weight"):
+            key = name.replace(".default", "")
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            bound = 1 / p.shape[1] ** 0.5
+            p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).to(p.dtype))
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor.to(dtype), requires_grad=False))
+
+
+def load_quantized(opts: BuildOptions) -> tuple[llama.Llama, list[str]]:
+    """Meta model -> stream the checkpoint one layer at a time -> quantize linears, add LoRA per layer."""
+    config = llama.LlamaConfig.from_hf(opts.model)
+    with torch.device("meta"):
+        model = llama.Llama(config)
+    lora_names = []
+    for index, tensors in llama.iter_checkpoint(opts.model, config):
+        for name, value in tensors.items():
+            module_name, _, attr = name.rpartition(".")
+            if module_name.rsplit(".", 1)[-1] in LINEARS:
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child,
+                        frozen_linear_module(value, opts.quant, opts.compute_dtype))
+            else:
+                _set_tensor(model, name, value, opts.compute_dtype)
+        if index is not None:
+            layer = model.model.layers[index]
+            lora_names += [f"model.layers.{index}.{n}" for n in add_lora(layer, opts)]
+        del tensors
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    reset_lora_init(model, opts.seed)
+    return model, lora_names
+
+
+def shard(model: llama.Llama, opts: BuildOptions, process_group=None):
+    """(forward callable, optimizer parameters, ShardedModel or None) for ``opts.shard``."""
+    units = list(model.model.layers)
+    if not model.config.tie_word_embeddings:  # tied weights must stay in one unit: then both live in the root
+        units += [model.model.embed_tokens, model.lm_head]
+    compute = opts.compute_dtype
+    if opts.shard == "ours":
+        sharded = sharding.shard_model(model, units, process_group=process_group, compute_dtype=compute,
+                                       reduce_dtype=torch.float32, offload=opts.offload)
+        return sharded, sharded.parameters(), sharded
+    if opts.shard == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        mesh = init_device_mesh("cpu" if not torch.cuda.is_available() else "cuda", (dist.get_world_size(),))
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return model, [p for p in model.parameters() if p.requires_grad], None
+
+
+def build(opts: BuildOptions, process_group=None) -> Built:
+    """Load, quantize, add LoRA and shard the model of ``opts``; measure the RSS peak while doing it."""
+    rss_before = current_rss_bytes()
+    reset_peak_rss()
+    model, lora_names = load_quantized(opts)
+    if dist.is_initialized() or opts.shard != "none":
+        if not dist.is_initialized():
+            raise ValueError(f"--shard {opts.shard} needs torch.distributed initialised (use torchrun)")
+        forward, params, sharded = shard(model, opts, process_group)
+    else:
+        forward, params, sharded = model, [p for p in model.parameters() if p.requires_grad], None
+    return Built(model, forward, params, sharded, lora_names, peak_rss_bytes(), rss_before)

@@ -1,0 +1,280 @@
+"""The main job: QLoRA + FSDP fine-tuning of a Llama, every component swappable for the library version.
+
+    torchrun --nproc_per_node 2 -m recipe.train                 # the default run (bundled tiny-llama)
+    python -m recipe.train --steps 20                           # one process, no torchrun needed
+    torchrun --nproc_per_node 2 -m recipe.train --quant bnb     # bitsandbytes Linear4bit as the base
+    ... --lora peft | --shard fsdp2 | --resume | --activation-checkpointing | --offload
+
+Default: fine-tune the bundled pretrained tiny-llama (pretrained on Python source) on a different
+domain -- the English documentation of ``pydoc_data/topics.py`` -- and print held-out loss before and
+after, tokens/s and peak memory per rank; the adapter is written in PEFT's format to ``<out>/adapter``.
+
+The loop (one optimizer step): ``--grad-accum`` micro-batches, each rank taking its ``--batch-size``
+rows of the global batch, loss / grad_accum backward (gradients reduce-scattered into the shards),
+global-norm clipping, AdamW on the local fp32 master shards, linear warmup then cosine decay. Every
+``--eval-every`` steps the held-out loss; every ``--save-every`` steps an atomic checkpoint
+(``recipe/checkpoint.py``); one JSON line per step in ``<out>/metrics.jsonl``.
+
+Compute dtype: bf16 where the hardware has it (CUDA); fp32 on CPU by default, because on CPUs
+without native bf16 matmuls bf16 is slower (measured in chapter 7; ``--dtype bf16`` to try).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, data
+from .build import DEFAULT_MODEL, LINEARS, BuildOptions, build
+from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
+from .plan import GiB, Setup, plan
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m recipe.train", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled tiny-llama)")
+    p.add_argument("--data", default=None, help="text file or directory (default: pydoc topics)")
+    p.add_argument("--quant", choices=("nf4", "bnb", "none"), default="nf4")
+    p.add_argument("--lora", choices=("ours", "peft"), default="ours")
+    p.add_argument("--shard", choices=("ours", "fsdp2", "none"), default="ours")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dora", action="store_true")
+    p.add_argument("--target-modules", default=",".join(LINEARS))
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-gib", type=float, default=None, help="memory per rank for the plan check")
+    p.add_argument("--track-memory", action="store_true", help="count live tensor bytes (slower)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def init_distributed() -> None:
+    """torchrun's environment, or a one-process group so the same code runs without torchrun."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        store = tempfile.NamedTemporaryFile(prefix="home70b-store-", delete=False).name
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to ``--lr``, then cosine decay to 10% of it (a function of the step: no state)."""
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def all_mean(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def memory_budget(args) -> int:
+    if args.memory_gib is not None:
+        return int(args.memory_gib * GiB)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    available = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines()
+                     if l.startswith("MemAvailable")) if sys.platform == "linux" else 16 * GiB
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_plan(args, model_config, world: int, log) -> None:
+    """Warn, with the plan's table, when the planned peak per rank exceeds the memory available."""
+    setup = Setup(world_size=world, gpu_bytes=memory_budget(args), batch_size=args.batch_size, seq_len=args.seq_len,
+                  rank=args.rank, target_modules=tuple(t for t in args.target_modules.split(",") if t in LINEARS)
+                  or LINEARS, dora=args.dora, activation_checkpointing=args.activation_checkpointing,
+                  offload=args.offload, quantize=args.quant != "none", compute_bytes=2 if args.dtype == "bf16" else 4)
+    result = plan(model_config, setup)
+    if not result.fits:
+        log(f"WARNING: the planned memory per rank exceeds the {setup.gpu_bytes / GiB:.1f} GiB available; "
+            f"lower --batch-size/--seq-len or add --activation-checkpointing/--offload\n{result.table()}")
+
+
+def enable_activation_checkpointing(layers) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations (non-reentrant)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+@torch.no_grad()
+def evaluate(forward, heldout, args, rank: int, world: int) -> float:
+    losses = [forward(ids, labels=ids)[1].item() for ids in
+              data.eval_batches(heldout, args.batch_size, args.eval_batches, rank, world)]
+    return all_mean(sum(losses) / len(losses))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    import llama
+    config = llama.LlamaConfig.from_hf(args.model)
+    tokenizer = llama.load_tokenizer(args.model)
+    train_ids, heldout_ids = data.tokenize_splits(data.load_documents(args.data), tokenizer)
+    train_windows, heldout = data.windows(train_ids, args.seq_len), data.windows(heldout_ids, args.seq_len)
+    if world * args.batch_size > len(train_windows) or world * args.batch_size > len(heldout):
+        raise ValueError(f"world size {world} is larger than this run can use: {world} ranks x --batch-size "
+                         f"{args.batch_size} needs that many windows of {args.seq_len} tokens, the corpus has "
+                         f"{len(train_windows)} (train) and {len(heldout)} (held-out)")
+    check_plan(args, config, world, log)
+
+    memory = TensorMemory() if args.track_memory else None
+    if memory:
+        memory.__enter__()
+    opts = BuildOptions(model=args.model, quant=args.quant, lora=args.lora, shard=args.shard, rank=args.rank,
+                        alpha=args.alpha, dropout=args.dropout, dora=args.dora,
+                        target_modules=tuple(args.target_modules.split(",")), compute_dtype=dtype,
+                        offload=args.offload, seed=args.seed)
+    built = build(opts)
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(built.model.model.layers)
+    optimizer = torch.optim.AdamW(built.parameters, lr=args.lr, weight_decay=0.0)
+    sampler = data.Sampler(train_windows, args.batch_size, rank, world, seed=args.seed)
+    fingerprint = {k: getattr(args, k) for k in ("quant", "lora", "shard", "rank", "alpha", "seq_len", "batch_size",
+                                                  "grad_accum", "steps", "lr", "seed", "target_modules")}
+    start = 0
+    if args.resume and checkpoint.latest(out / "checkpoints") is not None:
+        meta = checkpoint.load(checkpoint.latest(out / "checkpoints"), built.parameters, optimizer, fingerprint)
+        sampler.load_state_dict(meta["sampler"])
+        start = meta["step"]
+        log(f"resumed from step {start}")
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:  # keep only the lines of steps the checkpoint covers: a resumed log equals an unbroken one
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
+            if start and metrics_path.exists() else []
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    log(f"rank 0 of {world}: {args.quant} base, {args.lora} LoRA (r={args.rank}, {len(built.lora_names)} layers), "
+        f"{args.shard} sharding, {args.dtype}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
+
+    eval_before = evaluate(built.forward, heldout, args, rank, world)
+    log(f"held-out loss before: {eval_before:.4f}")
+    tokens_per_step = world * args.batch_size * args.seq_len * args.grad_accum
+    reset_peak_rss()
+    if memory:
+        memory.reset_peak()
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True)
+    t0, eval_loss = time.perf_counter(), None
+    for step in range(start, args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss_sum = 0.0
+        for _ in range(args.grad_accum):
+            ids = sampler.next_batch()
+            loss = built.forward(ids, labels=ids)[1]
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = clip(built, args)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": all_mean(loss_sum / args.grad_accum), "grad_norm": grad_norm,
+                  "lr": lr_at(step, args)}
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            record["eval_loss"] = eval_loss = evaluate(built.forward, heldout, args, rank, world)
+        elapsed = time.perf_counter() - t0
+        record["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
+        record["peak_rss_mib"] = peak_rss_bytes() / 2**20
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if progress:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 rss=f"{record['peak_rss_mib']:.0f}M")
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            checkpoint.save(out / "checkpoints", step + 1, built.parameters, optimizer,
+                            {**fingerprint, "sampler": sampler.state_dict()})
+    if progress:
+        progress.close()
+    if memory:
+        memory.__exit__(None, None, None)
+    summary = finish(built, args, out, rank, world, eval_before, eval_loss, start, t0, tokens_per_step, memory, log)
+    dist.barrier()
+    return summary
+
+
+def clip(built, args) -> float:
+    """Global gradient norm over all ranks' shards, clipped to ``--max-grad-norm``; returns the norm."""
+    import sharding
+
+    if built.sharded is not None:
+        return float(sharding.clip_grad_norm_(built.sharded, args.max_grad_norm))
+    if args.shard == "none" and dist.get_world_size() > 1:  # plain data parallel: average the gradients
+        for p in built.parameters:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    norm = torch.nn.utils.clip_grad_norm_(built.parameters, args.max_grad_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def finish(built, args, out, rank, world, eval_before, eval_after, start, t0, tokens_per_step, memory, log) -> dict:
+    """Write the adapter, gather per-rank peaks, print the summary."""
+    from .adapter import save_trained_adapter
+
+    elapsed = time.perf_counter() - t0
+    save_trained_adapter(built, args, out / "adapter")
+    peaks = [None] * world
+    dist.all_gather_object(peaks, {"peak_rss_mib": peak_rss_bytes() / 2**20,
+                                   "load_peak_rss_mib": built.load_peak_rss / 2**20,
+                                   "peak_tensor_mib": memory.peak / 2**20 if memory else None})
+    summary = {"eval_loss_before": eval_before, "eval_loss_after": eval_after, "steps": args.steps - start,
+               "tokens_per_s": tokens_per_step * (args.steps - start) / elapsed, "seconds": elapsed, "ranks": peaks}
+    log(f"held-out loss: {eval_before:.4f} -> {eval_after:.4f}; {summary['tokens_per_s']:.0f} tokens/s over "
+        f"{summary['steps']} steps ({elapsed:.1f} s)")
+    for r, p in enumerate(peaks):
+        log(f"rank {r}: peak RSS {p['peak_rss_mib']:.0f} MiB training, {p['load_peak_rss_mib']:.0f} MiB loading"
+            + (f", peak tensors {p['peak_tensor_mib']:.1f} MiB" if p["peak_tensor_mib"] is not None else ""))
+    log(f"adapter written to {out / 'adapter'} (PEFT format)")
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
