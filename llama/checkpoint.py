@@ -8,8 +8,9 @@ Streaming design -- ``iter_checkpoint(directory)`` yields ``(layer, tensors)``:
   - then ``(i, {...})`` for decoder layer i = 0, 1, ..., with that layer's tensors,
 keyed by full HF names (``model.layers.3.mlp.up_proj.weight``). Each group is read from memory-mapped
 files (``safe_open``) that are opened for that group and closed after it, so at any moment the process
-holds one layer's tensors plus whatever the caller keeps. Build the model on ``meta``, and for each group
-quantize / shard / copy, then drop the tensors: peak memory is one layer, not the model.
+holds one layer's tensors plus whatever the caller keeps (drop your reference to a group before asking
+for the next one, e.g. ``del tensors`` at the end of the loop body). Build the model on ``meta``, and
+for each group quantize / shard / copy, then drop the tensors: peak memory is one layer, not the model.
 
 A bitsandbytes pre-quantized 4-bit checkpoint (``weight`` as packed uint8 plus ``weight.absmax``,
 ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
@@ -148,6 +149,7 @@ def iter_checkpoint(directory: str | Path, config: LlamaConfig | None = None) ->
             handles = {path: stack.enter_context(_open(path)) for path in sorted(paths)}
             tensors = {name: _read_entry(name, entries[name], files, handles, shapes[name]) for name in names}
         yield layer, tensors
+        del tensors  # keep no second reference while the next group is read: the peak stays one layer
 
 
 def load_checkpoint(model: Llama | None, directory: str | Path,
