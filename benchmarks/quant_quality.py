@@ -5,7 +5,7 @@
 QLoRA (Dettmers et al. 2023, section 3 and Table 2) finds NF4 better than FP4 and plain integer
 4-bit at equal bits. Here the same question on a real, if tiny, pretrained Llama: each format
 quantizes then dequantizes the weight (block size 64), the model runs in fp32, and the loss is the
-mean next-token cross-entropy (nats/byte) on the held-out split of the stdlib corpus. Embeddings,
+mean next-token cross-entropy (nats/token) on the held-out split of the stdlib corpus. Embeddings,
 lm_head and norms stay as bundled (bf16). Formats:
   bf16              the bundled weights (the reference)
   NF4 (ours)        nf4.quantize(w, 64, double_quant=True).dequantize()
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import llama
-from llama.corpus import heldout_windows, stdlib_bytes
+from llama.corpus import heldout_windows, stdlib_tokens
 from llama.pretrain import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +82,12 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--windows", type=int, default=256, help="held-out windows of max_position_embeddings bytes")
     args = parser.parse_args(argv)
     config = llama.LlamaConfig.from_hf(args.model)
-    windows = heldout_windows(stdlib_bytes("heldout"), config.max_position_embeddings, args.windows)
+    windows = heldout_windows(stdlib_tokens("heldout"), config.max_position_embeddings, args.windows)
     start = time.perf_counter()
     losses = heldout_losses(args.model, windows)
     print(f"held-out loss, {windows.numel():,} bytes of the stdlib held-out split, "
           f"every decoder-layer linear quantized (block {BLOCK}); {time.perf_counter() - start:.0f} s\n")
-    print("| format | held-out loss (nats/byte) | vs bf16 |")
+    print("| format | held-out loss (nats/token) | vs bf16 |")
     print("|---|---|---|")
     for name, loss in losses.items():
         print(f"| {name} | {loss:.4f} | {loss - losses['bf16']:+.4f} |")

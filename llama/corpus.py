@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .tokenizer import ByteTokenizer
+
 EXCLUDED_DIRS = {"pydoc_data", "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -47,10 +49,16 @@ def stdlib_files(split: str, holdout_percent: int = 5, root: Path | None = None)
     return files
 
 
-def stdlib_bytes(split: str, holdout_percent: int = 5, root: Path | None = None) -> torch.Tensor:
-    """The split as one uint8 tensor of UTF-8 bytes (= byte-tokenizer ids), files joined by a blank line."""
-    chunks = [p.read_bytes() + b"\n\n" for p in stdlib_files(split, holdout_percent, root)]
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+def stdlib_tokens(split: str, holdout_percent: int = 5, root: Path | None = None) -> torch.Tensor:
+    """The split as one int16 tensor of byte-tokenizer ids: each file as BOS, its UTF-8 bytes, EOS
+    (so the model learns where documents start and end, as the fine-tuning data presents them)."""
+    tok = ByteTokenizer()
+    chunks = []
+    for path in stdlib_files(split, holdout_percent, root):
+        data = bytearray(path.read_bytes())
+        body = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        chunks += [torch.tensor([tok.bos_token_id]), body, torch.tensor([tok.eos_token_id])]
+    return torch.cat([c.to(torch.int16) for c in chunks])
 
 
 def batches(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,7 +70,7 @@ def batches(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.
 
 
 def heldout_windows(data: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows over the held-out bytes, deterministic (evenly spaced if capped)."""
+    """Non-overlapping windows over the held-out tokens, deterministic (evenly spaced if capped)."""
     n = data.numel() // seq_len
     windows = data[: n * seq_len].view(n, seq_len)
     if max_windows is not None and n > max_windows:

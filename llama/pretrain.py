@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LlamaConfig
-from .corpus import batches, heldout_windows, stdlib_bytes
+from .corpus import batches, heldout_windows, stdlib_tokens
 from .model import Llama
 from .tokenizer import ByteTokenizer
 
@@ -43,7 +43,7 @@ def init_weights(model: Llama, std: float = 0.02) -> None:
 
 @torch.no_grad()
 def evaluate(model: Llama, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy (nats per byte) over ``windows`` (n, seq_len)."""
+    """Mean next-token cross-entropy (nats per token) over ``windows`` (n, seq_len)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -56,8 +56,8 @@ def evaluate(model: Llama, windows: torch.Tensor, batch_size: int = 32) -> float
 
 
 def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
-    """Baseline: held-out cross-entropy of the training set's byte frequencies (add-one smoothed)."""
-    counts = torch.bincount(train.long(), minlength=256).double() + 1
+    """Baseline: held-out cross-entropy of the training set's token frequencies (add-one smoothed)."""
+    counts = torch.bincount(train.long(), minlength=ByteTokenizer.vocab_size).double() + 1
     log_p = (counts / counts.sum()).log()
     return float(-log_p[heldout.long()].mean())
 
@@ -94,11 +94,11 @@ def main(argv=None) -> dict:
     config = tiny_config(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.seq_len)
     model = Llama(config)
     init_weights(model)
-    train, heldout = stdlib_bytes("train"), stdlib_bytes("heldout")
+    train, heldout = stdlib_tokens("train"), stdlib_tokens("heldout")
     windows = heldout_windows(heldout, args.seq_len, args.eval_windows)
     baseline = unigram_loss(train, heldout)
-    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; train {train.numel():,} bytes, "
-          f"held-out {heldout.numel():,} bytes; unigram baseline {baseline:.4f} nats/byte")
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; train {train.numel():,} tokens, "
+          f"held-out {heldout.numel():,} tokens; unigram baseline {baseline:.4f} nats/token")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
         "wall_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
         "unigram_heldout_loss": round(baseline, 4), "final_heldout_loss_bf16": round(final, 4), "curve": curve}
     (args.out / "pretrain_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(f"held-out loss {final:.4f} nats/byte (bf16 weights; unigram baseline {baseline:.4f}); "
+    print(f"held-out loss {final:.4f} nats/token (bf16 weights; unigram baseline {baseline:.4f}); "
           f"wall {log['wall_seconds']} s; wrote {args.out}")
     return log
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llama
-from llama.corpus import batches, heldout_windows, stdlib_bytes, stdlib_files, stdlib_root
+from llama.corpus import batches, heldout_windows, stdlib_files, stdlib_root, stdlib_tokens
 
 
 def test_byte_tokenizer_round_trips_any_text():
@@ -66,9 +66,11 @@ def test_split_depends_on_names_only(tmp_path):
         assert [p for p in before[split] if p.name != "m3.py"] == after[split]
 
 
-def test_batches_and_windows_are_byte_ids():
-    data = stdlib_bytes("heldout")
-    assert data.dtype == torch.uint8 and data.numel() > 100_000
+def test_tokens_batches_and_windows():
+    data = stdlib_tokens("heldout")
+    assert data.dtype == torch.int16 and data.numel() > 100_000
+    assert data[0] == llama.ByteTokenizer.bos_token_id and data[-1] == llama.ByteTokenizer.eos_token_id
+    assert int(data.max()) < llama.ByteTokenizer.vocab_size and int(data.min()) >= 0
     x = batches(data, 4, 32, torch.Generator().manual_seed(0))
     assert x.shape == (4, 32) and x.dtype == torch.int64
     assert torch.equal(x, batches(data, 4, 32, torch.Generator().manual_seed(0)))

@@ -8,7 +8,7 @@ import torch
 from reference_libs import reference
 
 import llama
-from llama.corpus import heldout_windows, stdlib_bytes
+from llama.corpus import heldout_windows, stdlib_tokens
 from llama.pretrain import evaluate, main as pretrain_main, unigram_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def quant_quality():
 
 @pytest.fixture(scope="module")
 def heldout():
-    return stdlib_bytes("heldout")
+    return stdlib_tokens("heldout")
 
 
 def test_bundled_model_fits_the_budget_and_has_gqa():
@@ -41,7 +41,7 @@ def test_bundled_model_is_pretrained_far_below_the_byte_unigram_baseline(heldout
     model = llama.load_checkpoint(None, BUNDLED).float()
     windows = heldout_windows(heldout, model.config.max_position_embeddings, max_windows=24)
     loss = evaluate(model, windows)
-    baseline = unigram_loss(stdlib_bytes("train"), windows.flatten())
+    baseline = unigram_loss(stdlib_tokens("train"), windows.flatten())
     assert loss < 0.75 * baseline, (loss, baseline)
     logged = json.loads((BUNDLED / "pretrain_log.json").read_text())
     assert logged["final_heldout_loss_bf16"] < 0.75 * logged["unigram_heldout_loss"]
