@@ -1,0 +1,113 @@
+"""One sharded unit (e.g. a decoder layer) and the four moments of its life in a training step.
+
+    pre-forward   (module forward pre-hook)   all-gather the unit, point its tensors at the views,
+                                              prefetch the next unit's all-gather (async)
+    post-forward  (module forward hook)       free the gathered buffers (reshard_after_forward);
+                                              hook the outputs' gradients to catch the pre-backward
+    pre-backward  (multi-grad hook, "any")    the first gradient reached the unit's outputs: all-gather
+                                              again (backward reads the saved views), prefetch the unit
+                                              that runs before it in forward
+    post-backward (autograd Function wrapped  every gradient w.r.t. the unit's inputs exists, so its
+                   around the unit's inputs)  backward is done: free the buffers again
+
+The reduce-scatter is not here: each trainable FlatGroup does it from a post-accumulate-grad hook on
+its flat leaf, the moment autograd has finished that group's gradient (see flat_group.py).
+Only module hooks and autograd hooks are used; torch itself is not patched.
+"""
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+
+
+class _BackwardDoneAtInputs(torch.autograd.Function):
+    """Identity on the unit's inputs. Autograd runs its backward once the gradients with respect to
+    all of them exist, which is when the unit's own backward has finished (PyTorch FSDP2 detects the
+    end of a unit's backward the same way)."""
+
+    @staticmethod
+    def forward(ctx, unit, *inputs):
+        ctx.unit = unit
+        return inputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.unit.post_backward()
+        return (None, *grads)
+
+
+def _map_tensors(fn, obj):
+    """Apply ``fn`` to every tensor in nested tuples / lists / dicts, keeping the structure."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(fn, item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _map_tensors(fn, value) for key, value in obj.items()}
+    return obj
+
+
+def _tensors_needing_grad(obj) -> list:
+    found = []
+    _map_tensors(lambda t: found.append(t) if t.requires_grad else None, obj)
+    return found
+
+
+class ShardedUnit:
+    """The FlatGroups of one module plus the hooks that gather and free them around its compute."""
+
+    def __init__(self, name, module, groups, runtime):
+        self.name, self.module, self.groups, self.runtime = name, module, groups, runtime
+        self.is_root = module is runtime.module
+        module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        module.register_forward_hook(self._post_forward)
+
+    def gather(self, async_op: bool = False, why: str = "") -> None:
+        for group in self.groups:
+            group.start_gather(async_op, why)
+        if not async_op:
+            for group in self.groups:
+                group.wait()
+
+    def free(self) -> None:
+        for group in self.groups:
+            group.free()
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_forward(self, module, args, kwargs):
+        runtime = self.runtime
+        runtime.record_forward(self)
+        self.gather()
+        for group in self.groups:
+            group.point_module_at_views()
+        if runtime.in_backward:  # activation checkpointing re-runs forward inside backward: compute only
+            return None
+        if runtime.prefetch and (following := runtime.next_in_forward(self)) is not None:
+            following.gather(async_op=True, why=" (prefetch for forward)")
+        inputs = _tensors_needing_grad((args, kwargs)) if torch.is_grad_enabled() else []
+        if not inputs:  # e.g. token ids: the end-of-backward callback frees this unit instead
+            return None
+        marked = iter(_BackwardDoneAtInputs.apply(self, *inputs))
+        swap = {id(t): next(marked) for t in inputs}
+        return _map_tensors(lambda t: swap.get(id(t), t), (args, kwargs))
+
+    def _post_forward(self, module, args, output):
+        runtime = self.runtime
+        if runtime.in_backward:  # checkpoint recompute: backward still needs the gathered tensors
+            return
+        if self.is_root:
+            runtime.finish_forward()
+        # The root's backward starts right after its forward: keep it (as FSDP2 does) when one will follow.
+        if runtime.reshard_after_forward and not (self.is_root and torch.is_grad_enabled()):
+            self.free()
+        outputs = _tensors_needing_grad(output) if torch.is_grad_enabled() else []
+        if outputs:
+            register_multi_grad_hook(outputs, self._pre_backward, mode="any")
+
+    def _pre_backward(self, grad):
+        runtime = self.runtime
+        runtime.start_backward()
+        self.gather(why=" (for backward)")
+        if runtime.prefetch and (previous := runtime.next_in_backward(self)) is not None:
+            previous.gather(async_op=True, why=" (prefetch for backward)")
+
+    def post_backward(self) -> None:
+        self.free()
