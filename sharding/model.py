@@ -139,11 +139,11 @@ def shard_model(model, units, process_group=None, compute_dtype=None, reduce_dty
     offload: keep shards (and master weights, so the optimizer step) in CPU memory.
     """
     units = _validate_units(model, units)
+    found = _collect_tensors(model, units)
     if not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialized (call init_process_group first)")
     group = process_group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    found = _collect_tensors(model, units)
     names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
     names[id(model)] = "root"
 

@@ -28,20 +28,21 @@ def free_port() -> int:
 
 
 def _child(fn, rank, world_size, port, args, backend, results, timeout_s):
-    try:
-        import torch
-        import torch.distributed as dist
+    import torch
+    import torch.distributed as dist
 
+    try:
         torch.set_num_threads(1)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, "ok", pickle.dumps(value)))
-    except BaseException:  # report everything, including assertion errors, to the parent
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
+    except BaseException:  # report everything, assertion errors included, before the group goes away
         results.put((rank, "error", traceback.format_exc()))
+    finally:
+        results.close()
+        results.join_thread()  # delivered before the peers can notice this rank leaving
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_on_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo", timeout_s: float = 120.0) -> list:
@@ -65,7 +66,7 @@ def run_on_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo", t
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout_s} s")
                 continue
-            if status == "error":
+            if status == "error":  # the first failure is the cause; others (peers losing it) follow
                 raise RuntimeError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{payload}")
             values[rank] = pickle.loads(payload)
     finally:
