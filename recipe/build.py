@@ -84,8 +84,10 @@ class ShardableBnbLinear4bit:
 
     @property
     def weight(self):
-        w = self._parameters["weight"] if "weight" in self._parameters else self.__dict__["_sharded_weight"]
-        if w is not None and getattr(w, "quant_state", None) is None and getattr(self, "quant_state", None) is not None:
+        w = self._parameters["weight"] if "weight" in self._parameters else self.__dict__.get("_sharded_weight")
+        if w is None:
+            raise AttributeError("weight")
+        if getattr(w, "quant_state", None) is None and getattr(self, "quant_state", None) is not None:
             w.quant_state = self.quant_state
         return w
 

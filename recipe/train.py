@@ -37,6 +37,8 @@ from .build import DEFAULT_MODEL, LINEARS, BuildOptions, build
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import GiB, Setup, plan
 
+STEP_SLEEP_S = float(os.environ.get("HOME70B_STEP_SLEEP_S", 0))  # tests: slow a run down to SIGKILL it mid-way
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m recipe.train", description=__doc__.split("\n")[0])
@@ -134,9 +136,13 @@ def enable_activation_checkpointing(layers) -> None:
 
 
 @torch.no_grad()
-def evaluate(forward, heldout, args, rank: int, world: int) -> float:
-    losses = [forward(ids, labels=ids)[1].item() for ids in
+def evaluate(built, heldout, args, rank: int, world: int) -> float:
+    """Mean held-out loss over ``--eval-batches`` fixed global batches, in eval mode (no dropout, so no
+    random numbers are drawn: evaluating does not change the training run)."""
+    built.model.eval()
+    losses = [built.forward(ids, labels=ids)[1].item() for ids in
               data.eval_batches(heldout, args.batch_size, args.eval_batches, rank, world)]
+    built.model.train()
     return all_mean(sum(losses) / len(losses))
 
 
@@ -148,7 +154,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # dropout masks differ per rank; LoRA init does not use it
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     import llama
@@ -190,7 +196,7 @@ def main(argv=None) -> dict:
     log(f"rank 0 of {world}: {args.quant} base, {args.lora} LoRA (r={args.rank}, {len(built.lora_names)} layers), "
         f"{args.shard} sharding, {args.dtype}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
 
-    eval_before = evaluate(built.forward, heldout, args, rank, world)
+    eval_before = evaluate(built, heldout, args, rank, world)
     log(f"held-out loss before: {eval_before:.4f}")
     tokens_per_step = world * args.batch_size * args.seq_len * args.grad_accum
     reset_peak_rss()
@@ -211,12 +217,13 @@ def main(argv=None) -> dict:
             (loss / args.grad_accum).backward()
             loss_sum += loss.item()
         grad_norm = clip(built, args)
+        time.sleep(STEP_SLEEP_S)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "loss": all_mean(loss_sum / args.grad_accum), "grad_norm": grad_norm,
                   "lr": lr_at(step, args)}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            record["eval_loss"] = eval_loss = evaluate(built.forward, heldout, args, rank, world)
+            record["eval_loss"] = eval_loss = evaluate(built, heldout, args, rank, world)
         elapsed = time.perf_counter() - t0
         record["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20
