@@ -6,10 +6,11 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
 Streaming design -- ``iter_checkpoint(directory)`` yields ``(layer, tensors)``:
   - first ``(None, {...})`` with every tensor outside the decoder layers (embed_tokens, norm, lm_head),
   - then ``(i, {...})`` for decoder layer i = 0, 1, ..., with that layer's tensors,
-keyed by full HF names (``model.layers.3.mlp.up_proj.weight``). Each group is read from memory-mapped
-files (``safe_open``) that are opened for that group and closed after it, so at any moment the process
-holds one layer's tensors plus whatever the caller keeps (drop your reference to a group before asking
-for the next one, e.g. ``del tensors`` at the end of the loop body). Build the model on ``meta``, and
+keyed by full HF names (``model.layers.3.mlp.up_proj.weight``). Each group comes from memory-mapped
+files (``safe_open``) opened for that group only; safetensors 0.8 returns tensors that are private
+(copy-on-write) views of the mapping, read from disk when touched and released when dropped. So at any
+moment the process holds one layer's tensors plus whatever the caller keeps (drop your reference to a
+group before asking for the next one, e.g. ``del tensors`` at the end of the loop body). Build the model on ``meta``, and
 for each group quantize / shard / copy, then drop the tensors: peak memory is one layer, not the model.
 
 A bitsandbytes pre-quantized 4-bit checkpoint (``weight`` as packed uint8 plus ``weight.absmax``,
