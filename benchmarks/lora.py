@@ -1,0 +1,152 @@
+"""QLoRA linear layer, side by side: forward+backward time and what autograd saves, in one run.
+
+    python benchmarks/lora.py [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3]
+
+One 4096x4096 base, 2048 tokens, LoRA rank 16, bf16 compute and bf16 adapters, input requiring grad:
+
+  (a) ours: lora.LoRALinear over nf4.Linear4bit
+  (b) ours: lora.LoRALinear over bitsandbytes Linear4bit (NF4, double quant, block 64)
+  (c) PEFT's LoRA over bitsandbytes Linear4bit (PEFT's own bnb layer) -- the reference for the ratios
+  (d) plain nn.Linear full fine-tuning (bf16 weight with a gradient)
+
+Time: one forward+backward, repeated ``--repeats`` times after one warm-up, the variants interleaved in
+each repeat (so a noisy neighbour slows all of them alike); the fastest and the median are shown, the
+ratios use the fastest (the least disturbed run, as ``timeit`` advises on a shared machine). Saved: the bytes autograd keeps between
+forward and backward that are new allocations (`lora.activation_bytes`; a saved reference to a model
+parameter costs nothing and is left out). Targets (issue 3): (a) time <= 1.0x (c), saved bytes <= (c).
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Run as a script, this file's folder comes first on sys.path and "import lora" would import this very
+# file (benchmarks/lora.py) instead of the lora package: drop the folder first.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import lora  # noqa: E402
+
+
+def bnb_linear4bit(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    return layer.to("cpu")  # bitsandbytes quantizes here
+
+
+def ours_over_nf4(linear, rank):
+    try:
+        from nf4 import Linear4bit
+    except ImportError as err:
+        return None, f"nf4.Linear4bit not available ({err})"
+    return lora.LoRALinear(Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16), r=rank, alpha=2 * rank,
+                           dtype=torch.bfloat16), None
+
+
+def ours_over_bnb(linear, rank):
+    return lora.LoRALinear(bnb_linear4bit(linear), r=rank, alpha=2 * rank, dtype=torch.bfloat16), None
+
+
+def peft_over_bnb(linear, rank):
+    import peft
+
+    model = nn.Sequential()
+    model.add_module("proj", bnb_linear4bit(linear))
+    model.is_loaded_in_4bit = True  # as from_pretrained(load_in_4bit=True): PEFT picks its bnb LoRA layer
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"]),
+                                autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    layer.lora_A.to(torch.bfloat16), layer.lora_B.to(torch.bfloat16)
+    return model, None
+
+
+def full_finetuning(linear, rank):
+    return copy.deepcopy(linear).requires_grad_(True), None
+
+
+VARIANTS = {
+    "(a) ours over nf4.Linear4bit": ours_over_nf4,
+    "(b) ours over bnb Linear4bit": ours_over_bnb,
+    "(c) PEFT over bnb Linear4bit": peft_over_bnb,
+    "(d) nn.Linear, full fine-tune": full_finetuning,
+}
+REFERENCE = "(c) PEFT over bnb Linear4bit"
+
+
+def forward_backward(module, x, grad_out) -> float:
+    start = time.perf_counter()
+    module(x).backward(grad_out)
+    elapsed = time.perf_counter() - start
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    linear = nn.Linear(args.features, args.features, bias=False).to(torch.bfloat16)
+    x = torch.randn(args.tokens, args.features, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(args.tokens, args.features, dtype=torch.bfloat16)
+
+    modules, notes = {}, {}
+    for name, build in VARIANTS.items():
+        module, note = build(linear, args.rank)
+        if module is None:
+            notes[name] = note
+            continue
+        modules[name] = module
+        with torch.no_grad():  # a trained adapter: B != 0 (ours and PEFT's share the name lora_B)
+            for parameter_name, parameter in module.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.normal_(0, 0.01)
+
+    saved = {}
+    for name, module in modules.items():
+        output, records = lora.record_saved_tensors(module, x, module=module)
+        output.backward(grad_out)
+        saved[name] = records
+        forward_backward(module, x, grad_out)  # warm-up
+    times = {name: [] for name in modules}
+    for _ in range(args.repeats):
+        for name, module in modules.items():
+            times[name].append(forward_backward(module, x, grad_out))
+
+    ref_time = min(times[REFERENCE]) if REFERENCE in times else float("nan")
+    ref_bytes = lora.activation_bytes(saved[REFERENCE]) if REFERENCE in saved else float("nan")
+    print(f"QLoRA linear {args.features}x{args.features}, {args.tokens} tokens, r={args.rank}, bf16 compute, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    print()
+    print("| variant | fwd+bwd ms, min (median) | time vs (c) | saved activations MiB | saved vs (c) | saved tensors (activation / param ref) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in VARIANTS:
+        if name in notes:
+            print(f"| {name} | n/a | | | | {notes[name]} |")
+            continue
+        fastest, median = min(times[name]), statistics.median(times[name])
+        nbytes = lora.activation_bytes(saved[name])
+        n_act = sum(not r.is_parameter for r in saved[name])
+        print(f"| {name} | {1e3 * fastest:.0f} ({1e3 * median:.0f}) | {fastest / ref_time:.2f}x | {nbytes / 2**20:.2f} | "
+              f"{nbytes / ref_bytes:.2f}x | {n_act} / {len(saved[name]) - n_act} |")
+    print()
+    for name, records in saved.items():
+        print(f"{name}: saved for backward")
+        print(*(f"    {r}" for r in records), sep="\n")
+
+
+if __name__ == "__main__":
+    main()
