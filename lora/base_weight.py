@@ -4,8 +4,8 @@ LoRA never imports a quantization library. A *linear-like* base is any module wi
 ``out_features`` and a ``weight`` that is one of
 
 * a plain tensor (``nn.Linear``),
-* an object with ``.dequantize()`` returning the ``[out, in]`` weight (the project's ``nf4.Linear4bit``
-  holds a ``QuantizedWeight``), or
+* an object with ``.dequantize(dtype=None)`` returning the ``[out, in]`` weight (the project's
+  ``nf4.Linear4bit`` holds a ``QuantizedWeight``), or
 * a bitsandbytes ``Params4bit``: a packed ``uint8`` tensor that carries a ``.quant_state``. It *is* a
   ``torch.Tensor`` (whose ``dequantize()`` means something else), so it is recognised first, by its
   ``quant_state``, and dequantized with ``bitsandbytes.functional.dequantize_4bit``, imported only then.
@@ -51,10 +51,10 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype | None = None) -> tor
     elif isinstance(weight, torch.Tensor):
         weight = weight.detach()
     elif callable(getattr(weight, "dequantize", None)):
-        weight = weight.dequantize()
+        weight = weight.dequantize(dtype=dtype)  # straight into the compute dtype, no second copy
     else:
         raise TypeError(
-            f"base.weight must be a tensor or have .dequantize(); got {type(weight).__name__} "
+            f"base.weight must be a tensor or have .dequantize(dtype=None); got {type(weight).__name__} "
             f"on {type(base).__name__}"
         )
     expected = (base.out_features, base.in_features)
