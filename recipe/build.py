@@ -136,7 +136,8 @@ def add_lora(module: nn.Module, opts: BuildOptions) -> list[str]:
     peft = __import__("peft")
     config = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
                              target_modules=list(opts.target_modules), init_lora_weights=True)
-    config._register_custom_module({nf4.Linear4bit: peft.tuners.lora.layer.Linear})
+    if hasattr(nf4, "Linear4bit"):
+        config._register_custom_module({nf4.Linear4bit: peft.tuners.lora.layer.Linear})
     lora.select_targets(module, list(opts.target_modules))  # the same clear error for a pattern matching nothing
     peft.inject_adapter_in_model(config, module)
     module.requires_grad_(False)

@@ -1,0 +1,102 @@
+"""Building the model (recipe/build.py), the adapter it writes (recipe/adapter.py), and the clear errors."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_on_ranks
+from reference_libs import reference
+from test_recipe_train import FAST, tiny_model  # noqa: F401  (the session fixture)
+
+import lora
+from recipe.build import BuildOptions, build, reset_lora_init
+
+
+def test_build_streams_quantizes_and_wraps_every_target(tiny_model):
+    built = build(BuildOptions(model=tiny_model, quant="nf4", shard="none", rank=4))
+    names = dict(built.model.named_modules())
+    assert len(built.lora_names) == 2 * 7 and "model.layers.1.mlp.down_proj" in built.lora_names
+    assert type(names["model.layers.0.self_attn.q_proj.base_layer"]).__name__ == "Linear4bit"
+    assert not any(p.is_meta for p in built.model.parameters())
+    assert {id(p) for p in built.parameters} == {id(p) for p in lora.trainable_parameters(built.model)}
+    ids = torch.randint(0, 256, (2, 8))
+    base_logits = build(BuildOptions(model=tiny_model, quant="nf4", shard="none")).model(ids)
+    torch.testing.assert_close(built.model(ids), base_logits)  # B = 0: the adapter changes nothing yet
+
+
+def test_lora_init_depends_on_seed_and_name_only(tiny_model):
+    a = build(BuildOptions(model=tiny_model, quant="none", shard="none", seed=3)).model
+    b = build(BuildOptions(model=tiny_model, quant="none", shard="none", seed=3)).model
+    c = build(BuildOptions(model=tiny_model, quant="none", shard="none", seed=4)).model
+    key = "model.layers.1.self_attn.v_proj.lora_A.weight"
+    pa, pb, pc = (dict(m.named_parameters())[key] for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert pa.abs().max() <= 1 / 64 ** 0.5  # Kaiming-uniform bound 1/sqrt(in_features)
+    before = pa.clone()
+    reset_lora_init(a, 3)
+    assert torch.equal(before, pa)
+
+
+def test_bad_options_and_targets_that_match_nothing(tiny_model):
+    with pytest.raises(ValueError, match="--quant"):
+        BuildOptions(quant="int3")
+    with pytest.raises(ValueError, match="fsdp2"):
+        BuildOptions(quant="bnb", shard="fsdp2")
+    with pytest.raises(ValueError, match="qkv_proj"):
+        build(BuildOptions(model=tiny_model, quant="none", shard="none", target_modules=("q_proj", "qkv_proj")))
+
+
+def _train_one(rank, world, model, out, flags):
+    from recipe.train import main
+
+    return main(["--model", str(model), "--out", str(out), *flags])
+
+
+def test_world_size_larger_than_the_data_can_feed_is_a_clear_error(tiny_model, tmp_path):
+    with pytest.raises(RuntimeError, match="world size 2 is larger than this run can use"):
+        run_on_ranks(_train_one, 2, args=(tiny_model, tmp_path, ["--batch-size", "100000", "--steps", "1"]))
+
+
+def test_a_batch_that_cannot_fit_the_plan_warns_with_the_plan(tiny_model):
+    import llama
+    from recipe.train import check_plan, parse_args
+
+    messages = []
+    check_plan(parse_args(["--memory-gib", "0.001", "--batch-size", "64"]), llama.LlamaConfig.from_hf(tiny_model), 2,
+               messages.append)
+    assert len(messages) == 1 and "exceeds" in messages[0] and "peak on the device" in messages[0]
+    messages.clear()
+    check_plan(parse_args(["--memory-gib", "64"]), llama.LlamaConfig.from_hf(tiny_model), 2, messages.append)
+    assert messages == []
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    run_on_ranks(_train_one, 1, args=(tiny_model, out, ["--steps", "6", "--eval-every", "6", *FAST]))
+    return out / "adapter"
+
+
+def test_trained_adapter_loads_in_peft_on_the_hf_model(tiny_model, trained_adapter):
+    peft, transformers = reference("peft"), reference("transformers")
+    from recipe.adapter import load_onto_base
+
+    ours = load_onto_base(tiny_model, trained_adapter).eval()
+    assert any(p.abs().sum() > 0 for n, p in ours.named_parameters() if "lora_B" in n)  # it was trained
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tiny_model), torch_dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(trained_adapter)).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_from_another_base_is_refused_by_name(tmp_path, trained_adapter):
+    import llama
+    from recipe.adapter import load_onto_base
+
+    other = llama.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=258)
+    llama.save_checkpoint(llama.Llama(other), tmp_path)
+    with pytest.raises(ValueError, match=r"another base.*hidden_size"):
+        load_onto_base(tmp_path, trained_adapter)
+    assert Path(trained_adapter, "adapter_model.safetensors").is_file()
