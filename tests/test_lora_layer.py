@@ -247,3 +247,27 @@ def test_merge_into_a_base_without_a_quantizer_is_a_type_error():
     layer.base_layer.requantize_ = None
     with pytest.warns(UserWarning), pytest.raises(TypeError, match="requantize_"):
         layer.merge()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The recipe recomputes each layer in backward (torch.utils.checkpoint); FrozenLinear must allow it."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(make_base("fake-quantized"), r=R, dora=True)
+    randomize_adapter(layer)
+    x = torch.randn(TOKENS, IN, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        layer.zero_grad(), setattr(x, "grad", None)
+        out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        out.square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in lora.trainable_parameters(layer)])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
+
+
+def test_importing_lora_imports_no_quantization_library():
+    import subprocess
+    import sys
+    code = "import sys, lora; print(sorted(m for m in ('bitsandbytes', 'nf4', 'peft') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
