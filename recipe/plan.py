@@ -122,19 +122,21 @@ def lora_parameters(shape: Shape, setup: Setup) -> int:
 
 
 def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
-    """Bytes autograd keeps for one decoder layer's backward (no checkpointing), for all tokens.
+    """Bytes autograd keeps for one decoder layer's backward (no checkpointing), all tokens, not counting
+    the layer's input (the "layer inputs" row).
 
-    Per token, in compute dtype (c bytes): RMSNorm input and normalised output (2 h) twice; q and the
-    rotated q and k (3 h), k and v repeated to every query head (2 h, ``repeat_interleave`` before
-    scaled_dot_product_attention), the attention output and its reshaped copy (2 h); the MLP's gate,
-    silu(gate), up and their product (4 i); each LoRA's A output (r); plus fp32 statistics (the RMSNorm
-    rsqrt twice and the attention log-sum-exp per head)."""
-    h, i = shape.hidden_size, shape.intermediate_size
-    c = setup.compute_bytes
-    norms = 2 * 2 * h * (c if c == 4 else c + 4)    # bf16 norms also keep their fp32 upcast
-    per_token = norms + c * (3 * h + 2 * h + 2 * h + 4 * i) + c * setup.rank * len(setup.target_modules)
+    Per token, listed from ``llama.model.DecoderLayer`` with ``saved_tensors_hooks`` (c = compute bytes):
+    the normalised input kept by q/k/v's LoRA, q and the rotated k and v repeated to every query head
+    (scaled_dot_product_attention's inputs), the attention output kept by o_proj: 6 h values; gate,
+    up, silu(gate) and silu(gate) * up kept by down_proj: 4 i; each LoRA's A output: r per target;
+    RMSNorm's fp32 copies (the post-attention residual in fp32; both inputs upcast when c = 2);
+    fp32 statistics (two rsqrt, one log-sum-exp per head). Plus the rotary cos/sin tables."""
+    h, i, c = shape.hidden_size, shape.intermediate_size, setup.compute_bytes
+    norms = 4 * h * (1 if c == 4 else 2)
+    per_token = c * (6 * h + 4 * i) + c * setup.rank * len(setup.target_modules) + norms
     per_token += 4 * (2 + shape.num_attention_heads)
-    return setup.batch_size * setup.seq_len * per_token
+    head_dim = h // shape.num_attention_heads
+    return setup.batch_size * setup.seq_len * per_token + 2 * setup.seq_len * head_dim * c
 
 
 @dataclasses.dataclass
@@ -210,14 +212,13 @@ def plan(config, setup: Setup | None = None) -> Plan:
          "device", "the largest linear, one at a time"),
     ]
     tokens = setup.batch_size * setup.seq_len
+    rows.append(("activations: layer inputs", n_layers * tokens * h * c, "device", "each layer's input"))
     if setup.activation_checkpointing:
-        rows.append(("activations: layer inputs", n_layers * tokens * h * c, "device",
-                     "checkpointing keeps each layer's input"))
         rows.append(("activations: one layer recomputed", layer_activation_bytes(shape, setup), "device",
                      "the layer under backward"))
     else:
         rows.append(("activations: all layers", n_layers * layer_activation_bytes(shape, setup), "device",
-                     "everything autograd saves"))
+                     "everything else autograd saves"))
     rows.append(("backward temporaries", tokens * c * (3 * h + 2 * shape.intermediate_size), "device",
                  "gradients flowing through one layer"))
     logits_bytes = tokens * v * (c + 12 if c == 2 else 12)

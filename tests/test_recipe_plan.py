@@ -1,5 +1,6 @@
 """The memory planner's arithmetic, checked against numbers worked out by hand (recipe/plan.py)."""
 import pytest
+import torch
 
 from recipe.plan import ALL_LINEAR, GiB, Setup, Shape, lora_parameters, main, plan, quantized_bytes
 
@@ -101,3 +102,31 @@ def test_command_line_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "peak on the device" in out and "fits" in out
     assert result.setup.target_modules == ALL_LINEAR
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_activation_formula_equals_what_autograd_saves(dtype):
+    """Count the bytes a real decoder layer with LoRA on every linear saves (saved_tensors_hooks)."""
+    import llama
+    import lora
+    from llama.model import DecoderLayer, rotary_cos_sin
+    from recipe.plan import layer_activation_bytes
+
+    h, i, heads, kv, batch, seq, r = 64, 160, 4, 2, 2, 16, 4
+    config = llama.LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_attention_heads=heads,
+                               num_key_value_heads=kv, vocab_size=258)
+    layer = DecoderLayer(config).to(dtype)
+    lora.inject(layer, "all-linear", r=r, dtype=dtype)
+    x = torch.randn(batch, seq, h, dtype=dtype, requires_grad=True)
+    not_new = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters()]}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in not_new:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, *rotary_cos_sin(config, seq, x.device, dtype))
+    setup = Setup(batch_size=batch, seq_len=seq, rank=r, compute_bytes=x.element_size())
+    assert layer_activation_bytes(Shape.of(config), setup) == sum(saved.values())
