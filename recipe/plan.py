@@ -164,14 +164,25 @@ class Plan:
                 f"{'NF4' if s.quantize else f'{8 * s.compute_bytes}-bit'} base, "
                 f"checkpointing {'on' if s.activation_checkpointing else 'off'}, "
                 f"offload {'on' if s.offload else 'off'}")
-        lines = [head, f"{'per rank':<34}{'GiB':>9}  where   what", "-" * 100]
-        lines += [f"{name:<34}{b / GiB:>9.3f}  {where:<7} {what}" for name, b, where, what in self.rows]
+        lines = [head, f"{'per rank':<34}{'MiB':>10}  where   what", "-" * 100]
+        lines += [f"{name:<34}{b / 2**20:>10.1f}  {where:<7} {what}" for name, b, where, what in self.rows]
         lines.append("-" * 100)
-        lines.append(f"{'peak on the device':<34}{self.peak_gpu_bytes / GiB:>9.3f}  of {s.gpu_bytes / GiB:.1f} GiB: "
-                     f"{'fits' if self.fits else 'DOES NOT FIT'}")
+        lines.append(f"{'peak on the device':<34}{self.peak_gpu_bytes / 2**20:>10.1f}  = {self.peak_gpu_bytes / GiB:.2f} "
+                     f"GiB of {s.gpu_bytes / GiB:.1f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}")
         if self.total("cpu"):
-            lines.append(f"{'held in CPU memory (offload)':<34}{self.total('cpu') / GiB:>9.3f}")
+            lines.append(f"{'held in CPU memory (offload)':<34}{self.total('cpu') / 2**20:>10.1f}  = "
+                         f"{self.total('cpu') / GiB:.2f} GiB")
         return "\n".join(lines)
+
+
+def gathered_bytes(embedding: int, layer: int, head: int, n_layers: int, prefetch: bool) -> int:
+    """The most memory all-gathered at once. Units run in the order embedding, layers, lm_head; with
+    prefetch the next one is gathered while the current one computes, so the peak is the largest sum of
+    two neighbours. A tied lm_head shares the embedding, which then stays in the root, gathered."""
+    if head == 0:
+        return embedding + (2 if prefetch else 1) * layer
+    sizes = [embedding, *[layer] * n_layers, head]
+    return max(a + b for a, b in zip(sizes, sizes[1:])) if prefetch else max(sizes)
 
 
 def plan(config, setup: Setup | None = None) -> Plan:
@@ -206,8 +217,8 @@ def plan(config, setup: Setup | None = None) -> Plan:
          resident, "unquantized, compute dtype"),
         ("LoRA fp32 master + grad + AdamW", shard(16 * trainable), resident,
          f"{trainable / 1e6:.2f}M trainable params x 16 B / {w}"),
-        ("gathered units (current + next)", (2 if setup.prefetch else 1) * max(layer_unit, embedding), "device",
-         "a decoder layer or the embedding/lm_head, all-gathered"),
+        ("gathered units (current + next)", gathered_bytes(embedding, layer_unit, head, n_layers, setup.prefetch),
+         "device", "two neighbouring units all-gathered at once (prefetch)"),
         ("dequantized weight (working set)", c * max(o * i for o, i in linears.values()) if setup.quantize else 0,
          "device", "the largest linear, one at a time"),
     ]

@@ -130,3 +130,12 @@ def test_layer_activation_formula_equals_what_autograd_saves(dtype):
         layer(x, *rotary_cos_sin(config, seq, x.device, dtype))
     setup = Setup(batch_size=batch, seq_len=seq, rank=r, compute_bytes=x.element_size())
     assert layer_activation_bytes(Shape.of(config), setup) == sum(saved.values())
+
+
+def test_gathered_units_are_the_largest_pair_of_neighbours():
+    from recipe.plan import gathered_bytes
+
+    assert gathered_bytes(embedding=10, layer=3, head=10, n_layers=4, prefetch=True) == 13   # embed + layer 0
+    assert gathered_bytes(embedding=1, layer=3, head=1, n_layers=4, prefetch=True) == 6      # two layers
+    assert gathered_bytes(embedding=10, layer=3, head=10, n_layers=4, prefetch=False) == 10  # one at a time
+    assert gathered_bytes(embedding=10, layer=3, head=0, n_layers=4, prefetch=True) == 16    # tied: root + 2 layers

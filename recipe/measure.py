@@ -1,0 +1,102 @@
+"""Check the planner against a real run: planned vs measured peak tensor memory per rank.
+
+    python -m recipe.measure                                    # the bundled tiny-llama, 2 ranks
+    python -m recipe.measure --preset llama-2-70b --layers 1    # 70B width, one decoder layer
+
+For a preset, a checkpoint with the preset's exact widths (hidden 8192, intermediate 28672, 64/8 heads,
+vocab 32000 for Llama-2-70B) but only ``--layers`` decoder layers and random bf16 weights is written to
+a temporary directory; then ``recipe.train`` runs a few steps on 2 gloo ranks through the very same
+code as the main job, with ``--track-memory`` (``recipe.memory.TensorMemory``: the CPU analog of
+``torch.cuda.max_memory_allocated``), and the plan for the same setup (fp32 compute, as on CPU) is
+printed beside the measured peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .build import DEFAULT_MODEL, LINEARS
+from .plan import GiB, Setup, plan
+
+
+def random_checkpoint(preset: str, layers: int, directory: Path, seed: int = 0) -> Path:
+    """A checkpoint of ``preset``'s widths truncated to ``layers`` layers, random bf16 weights (std 0.02)."""
+    import dataclasses
+
+    import llama
+
+    config = dataclasses.replace(llama.LlamaConfig.preset(preset), num_hidden_layers=layers,
+                                 torch_dtype="bfloat16")
+    with torch.device("meta"):
+        model = llama.Llama(config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        value = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=generator) * 0.02
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value.to(torch.bfloat16)))
+        del value
+    llama.save_checkpoint(model, directory)
+    return directory
+
+
+def run(model_dir: Path, out: Path, args) -> dict:
+    """Train ``--steps`` steps on ``--nproc`` ranks with memory tracking; return summary.json."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "-m", "recipe.train",
+               "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+               "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
+               "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant]
+    if args.activation_checkpointing:
+        command.append("--activation-checkpointing")
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    return json.loads((out / "summary.json").read_text())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m recipe.measure", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help="e.g. llama-2-70b (random weights); default: --model")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled tiny-llama)")
+    p.add_argument("--quant", choices=("nf4", "none"), default="nf4")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="home70b-measure-") as tmp:
+        model_dir = args.model if args.preset is None else random_checkpoint(args.preset, args.layers, Path(tmp) / "model")
+        summary = run(Path(model_dir), Path(tmp) / "run", args)
+        import llama
+
+        config = llama.LlamaConfig.from_hf(model_dir)
+    setup = Setup(world_size=args.nproc, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+                  target_modules=LINEARS, activation_checkpointing=args.activation_checkpointing, compute_bytes=4,
+                  quantize=args.quant == "nf4")
+    planned = plan(config, setup)
+    print(planned.table())
+    result = {"model": args.preset or str(args.model), "layers": config.num_hidden_layers,
+              "planned_gib": planned.peak_gpu_bytes / GiB,
+              "measured_gib": [r["peak_tensor_mib"] / 1024 for r in summary["ranks"]],
+              "load_peak_rss_gib": [r["load_peak_rss_mib"] / 1024 for r in summary["ranks"]],
+              "rows": [(name, b / GiB) for name, b, _, _ in planned.rows]}
+    for rank, measured in enumerate(result["measured_gib"]):
+        print(f"rank {rank}: planned {result['planned_gib']:.3f} GiB, measured peak tensors {measured:.3f} GiB "
+              f"(planned / measured = {result['planned_gib'] / measured:.3f}), "
+              f"load peak RSS {result['load_peak_rss_gib'][rank]:.2f} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
