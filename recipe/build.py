@@ -151,7 +151,7 @@ def reset_lora_init(model: nn.Module, seed: int) -> None:
     """Re-draw every LoRA A from (seed, module name): U(-1/sqrt(in), 1/sqrt(in)), B stays zero."""
     for name, p in model.named_parameters():
         if p.requires_grad and ".lora_A." in name and name.endswith("weight"):
-            key = name.replace(".default", "")
+            key = name.replace(".default", "").removeprefix("base_model.model.")  # PEFT's names -> ours
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             bound = 1 / p.shape[1] ** 0.5
             p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).to(p.dtype))
