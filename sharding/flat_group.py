@@ -38,6 +38,15 @@ class Slot:
         self.numel = self.shape.numel()
 
 
+def lay_out(members) -> list:
+    """Slots for tensors laid end to end: members are (tensor, keys, owners, persistent) tuples."""
+    slots, offset = [], 0
+    for tensor, keys, owners, persistent in members:
+        slots.append(Slot(keys, owners, offset, tensor.shape, persistent))
+        offset += tensor.numel()
+    return slots
+
+
 class FlatGroup:
     """The sharded storage of one (dtype, trainable) group of one unit, and its gather/free/reduce."""
 

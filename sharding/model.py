@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .collectives import check_ranks_agree
-from .flat_group import FlatGroup, Slot
+from .collectives import check_ranks_agree, log
+from .flat_group import FlatGroup, lay_out
 from .unit import ShardedUnit
 
 
@@ -27,6 +27,7 @@ class ShardedModel:
 
     def __init__(self, module, process_group, prefetch, reshard_after_forward):
         self.module, self.process_group = module, process_group
+        self.rank = dist.get_rank(process_group)
         self.prefetch, self.reshard_after_forward = prefetch, reshard_after_forward
         self.units: list[ShardedUnit] = []  # root first, then the units in the order given
         self.forward_order: list[ShardedUnit] = []
@@ -68,6 +69,7 @@ class ShardedModel:
 
     def _finish_backward(self) -> None:
         """End of backward: free what is still gathered (units whose inputs needed no gradient, the root)."""
+        log.debug("rank %d end of backward", self.rank)
         for unit in self.units:
             unit.free()
         self.in_backward = False
@@ -166,11 +168,7 @@ def shard_model(model, units, process_group=None, compute_dtype=None, reduce_dty
             by_group.setdefault((entry[0].dtype, entry[3]), []).append(entry)
         groups = []
         for (dtype, trainable), entries in by_group.items():
-            offsets = [0]
-            for entry in entries:
-                offsets.append(offsets[-1] + entry[0].numel())
-            slots = [Slot(keys, owners, offset, tensor.shape, persistent)
-                     for (tensor, keys, owners, _, persistent), offset in zip(entries, offsets)]
+            slots = lay_out([(tensor, keys, owners, persistent) for tensor, keys, owners, _, persistent in entries])
             kind = "trainable" if trainable else "frozen"
             groups.append(FlatGroup(
                 f"{names[id(module)]}[{str(dtype).replace('torch.', '')} {kind}]", [e[0] for e in entries], slots,

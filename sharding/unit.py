@@ -17,6 +17,8 @@ Only module hooks and autograd hooks are used; torch itself is not patched.
 import torch
 from torch.autograd.graph import register_multi_grad_hook
 
+from .collectives import log
+
 
 class _BackwardDoneAtInputs(torch.autograd.Function):
     """Identity on the unit's inputs. Autograd runs its backward once the gradients with respect to
@@ -57,6 +59,7 @@ class ShardedUnit:
     def __init__(self, name, module, groups, runtime):
         self.name, self.module, self.groups, self.runtime = name, module, groups, runtime
         self.is_root = module is runtime.module
+        self.rank = runtime.rank
         module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         module.register_forward_hook(self._post_forward)
 
@@ -74,6 +77,7 @@ class ShardedUnit:
     # ------------------------------------------------------------------ hooks
     def _pre_forward(self, module, args, kwargs):
         runtime = self.runtime
+        log.debug("rank %d pre-forward %s%s", self.rank, self.name, " (recompute)" if runtime.in_backward else "")
         runtime.record_forward(self)
         self.gather()
         for group in self.groups:
@@ -93,6 +97,7 @@ class ShardedUnit:
         runtime = self.runtime
         if runtime.in_backward:  # checkpoint recompute: backward still needs the gathered tensors
             return
+        log.debug("rank %d post-forward %s", self.rank, self.name)
         if self.is_root:
             runtime.finish_forward()
         # The root's backward starts right after its forward: keep it (as FSDP2 does) when one will follow.
@@ -104,10 +109,12 @@ class ShardedUnit:
 
     def _pre_backward(self, grad):
         runtime = self.runtime
+        log.debug("rank %d pre-backward %s", self.rank, self.name)
         runtime.start_backward()
         self.gather(why=" (for backward)")
         if runtime.prefetch and (previous := runtime.next_in_backward(self)) is not None:
             previous.gather(async_op=True, why=" (prefetch for backward)")
 
     def post_backward(self) -> None:
+        log.debug("rank %d post-backward %s", self.rank, self.name)
         self.free()
