@@ -41,9 +41,10 @@ def _map_tensors(fn, obj):
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(fn, item) for item in obj)
+        items = [_map_tensors(fn, item) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples too
     if isinstance(obj, dict):
-        return {key: _map_tensors(fn, value) for key, value in obj.items()}
+        return type(obj)({key: _map_tensors(fn, value) for key, value in obj.items()})
     return obj
 
 
@@ -100,8 +101,9 @@ class ShardedUnit:
         log.debug("rank %d post-forward %s", self.rank, self.name)
         if self.is_root:
             runtime.finish_forward()
-        # The root's backward starts right after its forward: keep it (as FSDP2 does) when one will follow.
-        if runtime.reshard_after_forward and not (self.is_root and torch.is_grad_enabled()):
+        # Keep the unit gathered only if a backward will follow (grad enabled) and either the user asked
+        # (reshard_after_forward=False) or it is the root, whose backward starts right away (as in FSDP2).
+        if not (torch.is_grad_enabled() and (self.is_root or not runtime.reshard_after_forward)):
             self.free()
         outputs = _tensors_needing_grad(output) if torch.is_grad_enabled() else []
         if outputs:
