@@ -1,0 +1,112 @@
+"""Linear4bit: a frozen linear layer over an NF4 weight (the base layer of QLoRA, section 3, eq. 5).
+
+    y = x @ dequantize(W)^T + b          (W and b frozen)
+
+Autograd must not keep the dequantized weight alive between forward and backward: for a 70B model
+that would be a full-precision copy of every layer. So the matmul is a custom autograd Function
+that saves nothing: backward dequantizes W again and returns a gradient for the input only.
+Backward reads the layer's quantized tensors as they are at backward time, so a sharding layer that
+frees them after forward and gathers them again before backward works unchanged.
+
+The quantized tensors are registered as frozen parameters (``requires_grad=False``) named
+``weight_packed``, ``weight_absmax`` and, with double quantization, ``weight_nested_absmax`` and
+``weight_offset``; ``layer.weight`` rebuilds a ``QuantizedWeight`` over whatever those currently
+are. Casting the model (``model.to(torch.bfloat16)``) moves them but keeps their dtypes: the fp32
+scales must stay fp32 for the weight to mean the same thing.
+"""
+import torch
+from torch import nn
+
+from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
+from .quantize import quantize
+from .quantized_weight import QuantizedWeight
+
+
+class _FrozenNF4Matmul(torch.autograd.Function):
+    """x @ W^T for an NF4 weight; saves no tensor for backward; no gradient for W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+        ctx.layer = layer  # not a tensor: backward re-reads the layer's (possibly re-gathered) tensors
+        return x @ layer.weight.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_out @ ctx.layer.weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None
+
+
+class Linear4bit(nn.Module):
+    """Frozen ``y = x W^T + b`` with W stored in NF4; computes in ``compute_dtype`` (default: the input's)."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, compute_dtype=None):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"a linear weight must be 2-D (out_features, in_features), got shape {tuple(qweight.shape)}")
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        self._set_quantized(qweight)
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _set_quantized(self, qw: QuantizedWeight) -> None:
+        self.weight_shape, self.weight_dtype, self.block_size = qw.shape, qw.dtype, qw.block_size
+        for name in QuantizedWeight.TENSOR_NAMES:
+            tensor = getattr(qw, name)
+            self.register_parameter(f"weight_{name}", None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        """The NF4 weight over this layer's current tensors (has ``.dequantize()``)."""
+        tensors = {name: getattr(self, f"weight_{name}") for name in QuantizedWeight.TENSOR_NAMES}
+        return QuantizedWeight(shape=self.weight_shape, dtype=self.weight_dtype, block_size=self.block_size, **tensors)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True, compute_dtype=None):
+        """Quantize an ``nn.Linear`` (its weight in its own dtype; the bias is kept as is, frozen)."""
+        qw = quantize(linear.weight.detach(), block_size=block_size, double_quant=double_quant)
+        return cls(qw, linear.bias, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", compute_dtype=None):
+        """Build from a bitsandbytes ``Linear4bit`` state dict (keys ``{prefix}weight``, ``{prefix}weight.absmax``, ...)."""
+        return cls(from_bnb_state_dict(sd, prefix + "weight"), sd.get(prefix + "bias"), compute_dtype=compute_dtype)
+
+    def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """This layer in bitsandbytes' ``Linear4bit`` state-dict format."""
+        sd = to_bnb_state_dict(self.weight, prefix + "weight")
+        if self.bias is not None:
+            sd[prefix + "bias"] = self.bias.detach()
+        return sd
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Re-quantize a new dense weight into this layer (same block size, double quant, dtype), e.g. to merge
+        a LoRA update: ``layer.set_weight(layer.weight.dequantize() + delta)``. Lossy: the merged weight is
+        rounded to NF4 again."""
+        if w.shape != self.weight_shape:
+            raise ValueError(f"w must have shape {tuple(self.weight_shape)}, got {tuple(w.shape)}")
+        qw = quantize(w.detach().to(self.weight_dtype), self.block_size, double_quant=self.weight_nested_absmax is not None)
+        self._set_quantized(qw.to(self.weight_packed.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        y = _FrozenNF4Matmul.apply(x.to(dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Move with the model, but never change the quantized tensors' dtypes (see the module docstring)."""
+        keep = {n: t.data for n, t in self.named_parameters(recurse=False) if n.startswith("weight_")}
+        super()._apply(fn, recurse)
+        for name, before in keep.items():
+            param = getattr(self, name)
+            if param.dtype != before.dtype:
+                param.data = before.to(param.device)
+        return self
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.weight_nested_absmax is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}{dq}, weight_dtype={self.weight_dtype}, compute_dtype={self.compute_dtype}")
