@@ -36,11 +36,13 @@ class Block(nn.Module):
 class Tiny(nn.Module):
     """Embedding -> blocks -> head -> cross-entropy; the embedding and head stay in the root unit."""
 
-    def __init__(self, use_checkpoint=False, dim=DIM):
+    def __init__(self, use_checkpoint=False, dim=DIM, tie=False):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.layers = nn.ModuleList(Block(dim) for _ in range(LAYERS))
         self.head = nn.Linear(dim, VOCAB, bias=False)
+        if tie:  # one tensor under two names, both in the root unit
+            self.head.weight = self.embed.weight
         self.use_checkpoint = use_checkpoint
 
     def forward(self, tokens, targets):
@@ -73,17 +75,18 @@ def global_batch():
     return tuple(torch.randint(0, VOCAB, (BATCH, 5), generator=generator) for _ in range(2))
 
 
-VARIANTS = {  # name: (shard_model options, micro-batches per step, activation checkpointing, clip norm)
-    "default": ({}, 1, False, None),
-    "no_prefetch_keep_gathered": (dict(prefetch=False, reshard_after_forward=False), 1, False, None),
-    "offload_and_clip": (dict(offload=True), 1, False, 0.05),
-    "checkpoint_and_accumulate": ({}, 2, True, None),
+VARIANTS = {  # name: (shard_model options, micro-batches per step, activation checkpointing, clip, tied)
+    "default": ({}, 1, False, None, False),
+    "no_prefetch_keep_gathered": (dict(prefetch=False, reshard_after_forward=False), 1, False, None, False),
+    "offload_and_clip": (dict(offload=True), 1, False, 0.05, False),
+    "checkpoint_and_accumulate": ({}, 2, True, None, False),
+    "tied_embedding_and_head": ({}, 1, False, None, True),
 }
 
 
-def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip):
+def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip, tie):
     torch.manual_seed(0)
-    sharded = sharding.shard_model(model := Tiny(use_checkpoint), list(model.layers), **options)
+    sharded = sharding.shard_model(model := Tiny(use_checkpoint, tie=tie), list(model.layers), **options)
     optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
     tokens, targets = (t.chunk(world)[rank] for t in global_batch())  # this rank's slice of the batch
     losses = []
@@ -101,10 +104,10 @@ def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip):
             "numels": [sum(s.numel for s in g.slots) for u in sharded.units for g in u.groups]}
 
 
-def train_reference(clip):
+def train_reference(clip, tie):
     """One process, the whole batch, plain PyTorch (run by rank 0 of each job: one thread, torch warm)."""
     torch.manual_seed(0)
-    model = Tiny()
+    model = Tiny(tie=tie)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(STEPS):
         model(*global_batch()).backward()
@@ -112,7 +115,8 @@ def train_reference(clip):
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad()
-    return {k: v for k, v in model.state_dict().items() if k in dict(model.named_parameters())}
+    trainable = {k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trainable}
 
 
 def frozen_round_trip(rank, world):
@@ -191,7 +195,7 @@ def fsdp2_comparison(rank, world):
 
 def job(rank, world):
     out = {name: train_sharded(rank, world, *variant) for name, variant in VARIANTS.items()}
-    out["reference"] = {clip: train_reference(clip) for *_, clip in VARIANTS.values()} if rank == 0 else None
+    out["reference"] = {v[3:]: train_reference(*v[3:]) for v in VARIANTS.values()} if rank == 0 else None
     out["frozen"] = frozen_round_trip(rank, world)
     out["state_dict"] = state_dict_round_trip(rank, world)
     out["disagree"] = disagreeing_ranks(rank, world) if world > 1 else None
@@ -222,7 +226,7 @@ def relative_error(ours, theirs):
 def test_sharded_adamw_equals_single_process(ranks, variant):
     world, results = ranks
     ours = results[0][variant]["state"]
-    reference_state = results[0]["reference"][VARIANTS[variant][3]]
+    reference_state = results[0]["reference"][VARIANTS[variant][3:]]
     assert ours.keys() == reference_state.keys()
     errors = {k: relative_error(ours[k], reference_state[k]) for k in ours}
     assert max(errors.values()) <= 1e-5, errors
