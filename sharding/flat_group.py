@@ -8,7 +8,9 @@ Flatten -> pad -> shard (ZeRO-3, and FSDP's FlatParameter, Zhao et al. 2023 "PyT
 
 Each rank keeps only its slice. Before compute the slices are all-gathered into ``full`` and the
 module's tensors are pointed at views of it; afterwards the storage of ``full`` is resized to zero
-bytes (the views stay, pointing at nothing) and re-grown on the next gather.
+bytes and re-grown (refilled in place) by the next gather. The views that autograd saved for backward
+keep pointing at that storage, which is why backward gathers again first; the module's attributes are
+meanwhile pointed at meta placeholders, so stray reads fail loudly instead of reading freed memory.
 
 A trainable group keeps its slice as an fp32 *master* ``nn.Parameter``: that is what the optimizer
 steps. ``full`` is then an autograd leaf and the module's parameters are views of it, so autograd
