@@ -68,8 +68,9 @@ def replace_weight(base: nn.Module, new_weight: torch.Tensor) -> None:
     """Store the float ``[out, in]`` tensor ``new_weight`` as the base weight (merge / unmerge).
 
     A plain tensor weight is overwritten in place, in its own dtype. A quantized weight is re-quantized
-    through the base's own quantizer -- its ``requantize_(tensor)`` method, or for bitsandbytes a new
-    ``Params4bit`` with the same settings -- and a warning says that this rounds, as PEFT warns.
+    through the base's own quantizer -- its ``set_weight(tensor)`` method (``nf4.Linear4bit`` has one), or
+    for bitsandbytes a new ``Params4bit`` with the same settings -- and a warning says that this rounds,
+    as PEFT warns.
     """
     weight = base.weight
     quant_state = _bnb_quant_state(weight)
@@ -91,10 +92,10 @@ def replace_weight(base: nn.Module, new_weight: torch.Tensor) -> None:
             compress_statistics=quant_state.nested,
             quant_storage=weight.quant_storage,
         ).to(weight.device)
-    elif callable(getattr(base, "requantize_", None)):
-        base.requantize_(new_weight)
+    elif callable(getattr(base, "set_weight", None)):
+        base.set_weight(new_weight)
     else:
         raise TypeError(
             f"cannot merge into {type(base).__name__}: its weight is quantized and the base has no "
-            "requantize_(tensor) method to store a new weight"
+            "set_weight(tensor) method to store a new weight"
         )

@@ -2,7 +2,7 @@
 
 Its weight is an object with ``.dequantize()`` (int8 codes and one scale per row), like nf4's
 ``QuantizedWeight``; its forward runs in plain autograd, so *it* would keep the dequantized weight for
-backward -- which is exactly what lora's FrozenLinear must prevent. It has ``requantize_`` so merge can
+backward -- which is exactly what lora's FrozenLinear must prevent. It has ``set_weight`` so merge can
 store a new weight through its own quantizer.
 """
 import torch
@@ -30,7 +30,7 @@ class FakeQuantLinear(nn.Module):
         self.weight = RowwiseInt8Weight(linear.weight.detach())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
-    def requantize_(self, weight: torch.Tensor) -> None:
+    def set_weight(self, weight: torch.Tensor) -> None:
         self.weight = RowwiseInt8Weight(weight.to(self.weight.dtype))
 
     def forward(self, x):

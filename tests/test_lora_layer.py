@@ -244,8 +244,8 @@ def test_merge_into_quantized_base_requantizes_and_warns():
 
 def test_merge_into_a_base_without_a_quantizer_is_a_type_error():
     layer = lora.LoRALinear(make_base("fake-quantized"), r=R)
-    layer.base_layer.requantize_ = None
-    with pytest.warns(UserWarning), pytest.raises(TypeError, match="requantize_"):
+    layer.base_layer.set_weight = None
+    with pytest.warns(UserWarning), pytest.raises(TypeError, match="set_weight"):
         layer.merge()
 
 
