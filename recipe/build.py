@@ -116,7 +116,7 @@ def frozen_linear_module(weight, quant: str, compute_dtype: torch.dtype) -> nn.M
     if isinstance(weight, dict):  # pre-quantized bitsandbytes checkpoint: never dequantized
         if quant != "nf4":
             raise ValueError("a pre-quantized 4-bit checkpoint needs --quant nf4")
-        return nf4.Linear4bit.from_bnb_state_dict(weight, prefix="weight", compute_dtype=compute_dtype)
+        return nf4.Linear4bit.from_bnb_state_dict(weight, prefix="", compute_dtype=compute_dtype)
     if quant == "nf4":
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -207,6 +207,17 @@ def repoint_views_after_gather(unit) -> None:
     unit.gather = gather_and_point
 
 
+def nf4_tensors_as_buffers(model: nn.Module) -> None:
+    """For FSDP2: re-register nf4.Linear4bit's frozen uint8/fp32 tensors as buffers, which FSDP2 leaves
+    unsharded (replicated). FSDP2 refuses 0-dim parameters (the absmax offset) and gathers each unit's
+    parameters in one dtype -- the reason FSDP1 + QLoRA stored 4-bit bytes as bf16 (chapter 5); our
+    sharding flattens one buffer per dtype instead."""
+    for module in model.modules():
+        if isinstance(module, nf4.Linear4bit):
+            for name in [n for n, p in module._parameters.items() if n.startswith("weight_") and p is not None]:
+                module.register_buffer(name, module._parameters.pop(name).data)
+
+
 def shard(model: llama.Llama, opts: BuildOptions, process_group=None):
     """(forward callable, optimizer parameters, ShardedModel or None) for ``opts.shard``."""
     units = list(model.model.layers)
@@ -223,6 +234,7 @@ def shard(model: llama.Llama, opts: BuildOptions, process_group=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        nf4_tensors_as_buffers(model)
         mesh = init_device_mesh("cpu" if not torch.cuda.is_available() else "cuda", (dist.get_world_size(),))
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
