@@ -8,6 +8,11 @@ After wrapping, the sharded tensors are no longer registered parameters or buffe
 are plain attributes that the hooks point at views of the gathered flat buffers during a unit's
 forward/backward, and at meta tensors (right shape and dtype, no values) while it is freed. Use
 ``full_state_dict`` to read the values.
+
+Assumptions: the model's tensors are on the compute device when wrapped (shards are cut where the
+tensors are; ``offload=True`` then moves them to CPU memory); every rank runs the same units in the same
+order (collectives must match); and a unit's forward is followed by its backward before that unit runs
+forward again (gradient accumulation = forward + backward per micro-batch, as usual).
 """
 import torch
 import torch.distributed as dist
