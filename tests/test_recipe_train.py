@@ -71,6 +71,23 @@ def torchrun(out, model, *flags, env_extra=None):
                             text=True, start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in their own sessions: killpg misses them)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_a_bitwise_identical_loss_log(tiny_model, tmp_path):
     flags = ["--steps", "16", "--save-every", "4", "--eval-every", "8", "--dropout", "0.1", *FAST]
@@ -83,7 +100,8 @@ def test_sigkill_then_resume_gives_a_bitwise_identical_loss_log(tiny_model, tmp_
     while not (log.exists() and len(log.read_text().splitlines()) >= 10):
         assert killed.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)  # the whole torchrun session this test started: agent and both ranks
+    for pid in [killed.pid, *descendants(killed.pid)]:  # the torchrun agent this test started and its ranks
+        os.kill(pid, signal.SIGKILL)
     killed.wait()
     resumed_from = int((tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()[len("step-"):])
     assert 4 <= resumed_from < 16
