@@ -20,7 +20,7 @@ from .double_quant import dequantize_absmax
 from .quantize import SUPPORTED_DTYPES
 from .quantized_weight import QuantizedWeight
 
-_CHUNK_VALUES = 1 << 18  # values per chunk: keeps the fp32 temporaries cache-sized
+_CHUNK_VALUES = 1 << 20  # values per chunk: keeps the fp32 temporaries cache-sized
 
 
 @functools.lru_cache(maxsize=None)

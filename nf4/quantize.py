@@ -18,7 +18,7 @@ from .quantized_weight import QuantizedWeight
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-_CHUNK_VALUES = 1 << 18  # values per chunk: keeps the fp32 temporaries cache-sized
+_CHUNK_VALUES = 1 << 20  # values per chunk: keeps the fp32 temporaries cache-sized
 
 
 def check_block_size(block_size) -> None:
