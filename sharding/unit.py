@@ -5,8 +5,9 @@
     post-forward  (module forward hook)       free the gathered buffers (reshard_after_forward);
                                               hook the outputs' gradients to catch the pre-backward
     pre-backward  (multi-grad hook, "any")    the first gradient reached the unit's outputs: all-gather
-                                              again (backward reads the saved views), prefetch the unit
-                                              that runs before it in forward
+                                              again (backward reads the saved views, or the module's
+                                              attributes: point them at the views again), prefetch the
+                                              unit that runs before it in forward
     post-backward (autograd Function wrapped  every gradient w.r.t. the unit's inputs exists, so its
                    around the unit's inputs)  backward is done: free the buffers again
 
@@ -114,6 +115,8 @@ class ShardedUnit:
         log.debug("rank %d pre-backward %s", self.rank, self.name)
         runtime.start_backward()
         self.gather(why=" (for backward)")
+        for group in self.groups:  # for backward code that reads the module's attributes again
+            group.point_module_at_views()
         if runtime.prefetch and (previous := runtime.next_in_backward(self)) is not None:
             previous.gather(async_op=True, why=" (prefetch for backward)")
 

@@ -70,6 +70,36 @@ class FrozenMix(nn.Module):
         return (x * self.norm.float()) @ weight.T + x @ self.lora_A.T @ self.lora_B.T
 
 
+class _MatmulReadingWeightInBackward(torch.autograd.Function):
+    """Saves no weight and reads ``module.weight`` again in backward (as lora's frozen path does)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return x @ module.weight.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.weight, None
+
+
+class FrozenReadInBackward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(5)), requires_grad=False)
+
+    def forward(self, x):
+        return _MatmulReadingWeightInBackward.apply(x, self)
+
+
+def frozen_model():
+    return nn.Sequential(FrozenMix(), FrozenReadInBackward(), FrozenMix())
+
+
+def frozen_input():
+    return torch.randn(4, DIM, generator=torch.Generator().manual_seed(6)).requires_grad_()
+
+
 def global_batch():
     generator = torch.Generator().manual_seed(1)
     return tuple(torch.randint(0, VOCAB, (BATCH, 5), generator=generator) for _ in range(2))
@@ -121,17 +151,17 @@ def train_reference(clip, tie):
 
 def frozen_round_trip(rank, world):
     """Shard -> gather a unit of mixed dtypes; record what forward saw and which groups were reduced."""
-    model = nn.Sequential(FrozenMix(), FrozenMix())
+    model = frozen_model()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
     logger = logging.getLogger("sharding")
     logger.addHandler(handler), logger.setLevel(logging.DEBUG)
-    sharded = sharding.shard_model(model, [model[0], model[1]])
-    sharded(torch.randn(4, DIM, requires_grad=True)).sum().backward()
+    sharded = sharding.shard_model(model, list(model))
+    sharded(x := frozen_input()).sum().backward()
     logger.removeHandler(handler), logger.setLevel(logging.WARNING)
-    return {"original": original, "seen": [m.seen for m in model], "messages": messages,
+    return {"original": original, "seen": [model[0].seen, model[2].seen], "messages": messages, "x_grad": x.grad,
             "gathered": sharding.full_state_dict(sharded, trainable_only=False),
             "has_grad": [p.grad is not None for p in sharded.parameters()]}
 
@@ -247,16 +277,21 @@ def test_each_rank_holds_one_slice_and_one_slice_of_optimizer_state(ranks):
 
 
 def test_frozen_uint8_and_bf16_round_trip_bit_exactly_and_are_never_reduced(ranks):
+    """Also: a module that reads its frozen weight again in backward sees the re-gathered values."""
     world, results = ranks
     for result in (r["frozen"] for r in results):
         original = result["original"]
-        for index, seen in enumerate(result["seen"]):
+        for index, seen in zip((0, 2), result["seen"]):
             for name, value in seen.items():
                 assert value.dtype == original[f"{index}.{name}"].dtype
                 assert torch.equal(value.view(torch.uint8), original[f"{index}.{name}"].view(torch.uint8))
         reduced = [m for m in result["messages"] if "reduce-scatter" in m]
         assert reduced and all("trainable" in m for m in reduced)
         assert result["has_grad"] and all(result["has_grad"])  # every trainable master shard got one
+    model = frozen_model()  # unsharded: the gradient w.r.t. the input must be the same
+    model(x := frozen_input()).sum().backward()
+    for result in (r["frozen"] for r in results):
+        torch.testing.assert_close(result["x_grad"], x.grad, rtol=1e-6, atol=1e-6)
     gathered, original = results[0]["frozen"]["gathered"], results[0]["frozen"]["original"]
     assert gathered.keys() == original.keys()
     for key, value in gathered.items():
