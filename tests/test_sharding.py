@@ -191,35 +191,38 @@ def disagreeing_ranks(rank, world):
 
 
 def fsdp2_comparison(rank, world):
-    """The same model and data under ours and under FSDP2 fully_shard: losses, grads, params per step."""
+    """The same model and data under ours and under FSDP2 fully_shard, in fp32 and with bf16 compute
+    (fp32 masters, fp32 reduce): losses and gradients of two AdamW steps."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     tokens, targets = (t.chunk(world)[rank] for t in global_batch())
     runs = {}
-    for name in ("ours", "fsdp2"):
-        torch.manual_seed(0)
-        model = Tiny()
-        if name == "ours":
-            wrapped = sharding.shard_model(model, list(model.layers))
-            parameters, grads = wrapped.parameters(), lambda: sharding.full_grads(wrapped)
-        else:
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in model.layers:
-                fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
-            parameters = model.parameters()
-            grads = lambda: {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # noqa: E731
-        optimizer = torch.optim.AdamW(parameters, lr=1e-2)
-        losses, step_grads = [], []
-        for _ in range(2):
-            loss = wrapped(tokens, targets)
-            loss.backward()
-            losses.append(loss.item())
-            step_grads.append(grads())
-            optimizer.step()
-            optimizer.zero_grad()
-        runs[name] = {"losses": losses, "grads": step_grads}
+    for compute_dtype in (None, torch.bfloat16):
+        for name in ("ours", "fsdp2"):
+            torch.manual_seed(0)
+            model = Tiny()
+            if name == "ours":
+                wrapped = sharding.shard_model(model, list(model.layers), compute_dtype=compute_dtype)
+                parameters, grads = wrapped.parameters(), lambda: sharding.full_grads(wrapped)
+            else:
+                mesh = init_device_mesh("cpu", (world,))
+                policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+                for layer in model.layers:
+                    fully_shard(layer, mesh=mesh, mp_policy=policy)
+                wrapped = fully_shard(model, mesh=mesh, mp_policy=policy)
+                parameters = model.parameters()
+                grads = lambda: {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # noqa: E731
+            optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+            losses, step_grads = [], []
+            for _ in range(2):
+                loss = wrapped(tokens, targets)
+                loss.backward()
+                losses.append(loss.item())
+                step_grads.append(grads())
+                optimizer.step()
+                optimizer.zero_grad()
+            runs[name, str(compute_dtype)] = {"losses": losses, "grads": step_grads}
     return runs
 
 
@@ -315,15 +318,19 @@ def test_ranks_that_built_different_models_all_get_a_clear_error(ranks):
         assert result["disagree"] is not None and "different models" in result["disagree"]
 
 
-def test_same_losses_and_gradients_as_fsdp2_fully_shard(ranks):
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16], ids=["fp32", "bf16_compute"])
+def test_same_losses_and_gradients_as_fsdp2_fully_shard(ranks, compute_dtype):
     world, results = ranks
     if world != 2:
         pytest.skip("compared with FSDP2 on 2 ranks")
     reference("torch.distributed.fsdp")
-    for result in results:
-        ours, theirs = result["fsdp2"]["ours"], result["fsdp2"]["fsdp2"]
-        assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-6)
-    ours, theirs = results[0]["fsdp2"]["ours"], results[0]["fsdp2"]["fsdp2"]
-    for our_grads, their_grads in zip(ours["grads"], theirs["grads"]):
-        assert our_grads.keys() == their_grads.keys()
-        assert max(relative_error(our_grads[k], their_grads[k]) for k in our_grads) <= 1e-5
+    tolerance = 1e-5 if compute_dtype is None else 0.0  # measured: bit-identical with bf16 compute
+    fp32, bf16 = (results[0]["fsdp2"]["ours", str(d)]["losses"] for d in (None, torch.bfloat16))
+    assert fp32 != bf16  # the compute dtype really changed the arithmetic
+    for r, result in enumerate(results):
+        ours, theirs = (result["fsdp2"][name, str(compute_dtype)] for name in ("ours", "fsdp2"))
+        assert ours["losses"] == pytest.approx(theirs["losses"], rel=tolerance, abs=0), r
+        if r == 0:  # the gathered gradients live on rank 0
+            for our_grads, their_grads in zip(ours["grads"], theirs["grads"]):
+                assert our_grads.keys() == their_grads.keys()
+                assert max(relative_error(our_grads[k], their_grads[k]) for k in our_grads) <= tolerance
