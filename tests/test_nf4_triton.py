@@ -42,6 +42,7 @@ def run_checks() -> int:
     return cases
 
 
+@pytest.mark.slow
 def test_triton_kernel_under_interpreter_is_bit_identical():
     reference("bitsandbytes")  # the subprocess compares with it too: fail/skip here if it is missing
     pytest.importorskip("triton")
