@@ -51,7 +51,8 @@ def run(model_dir: Path, out: Path, args) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "-m", "recipe.train",
                "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
-               "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant]
+               "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant,
+               "--tokenizer", "byte"]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})

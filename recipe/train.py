@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m recipe.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled tiny-llama)")
     p.add_argument("--data", default=None, help="text file or directory (default: pydoc topics)")
+    p.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
+                   help="byte: the byte tokenizer for any base with vocab >= 258 (e.g. random-weight test models)")
     p.add_argument("--quant", choices=("nf4", "bnb", "none"), default="nf4")
     p.add_argument("--lora", choices=("ours", "peft"), default="ours")
     p.add_argument("--shard", choices=("ours", "fsdp2", "none"), default="ours")
@@ -159,7 +161,7 @@ def main(argv=None) -> dict:
 
     import llama
     config = llama.LlamaConfig.from_hf(args.model)
-    tokenizer = llama.load_tokenizer(args.model)
+    tokenizer = llama.ByteTokenizer() if args.tokenizer == "byte" else llama.load_tokenizer(args.model)
     train_ids, heldout_ids = data.tokenize_splits(data.load_documents(args.data), tokenizer)
     train_windows, heldout = data.windows(train_ids, args.seq_len), data.windows(heldout_ids, args.seq_len)
     if world * args.batch_size > len(train_windows) or world * args.batch_size > len(heldout):
