@@ -12,6 +12,8 @@ Two implementations of the same arithmetic:
 ``backend="auto"`` picks Triton for CUDA tensors and PyTorch otherwise.
 """
 import functools
+import importlib.util
+import os
 
 import torch
 
@@ -69,10 +71,13 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, backend: s
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if backend == "auto":
-        backend = "triton" if qw.device.type == "cuda" else "torch"
+        on_gpu = qw.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        backend = "triton" if on_gpu else "torch"
     if backend == "torch":
         return dequantize_torch(qw, dtype)
     if backend == "triton":
+        if qw.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton is imported")
         from .triton_dequant import dequantize_triton
 
         return dequantize_triton(qw, dtype)

@@ -1,4 +1,6 @@
 """nf4/dequantize.py (PyTorch path): equal to bitsandbytes' dequantize_4bit and to the plain formula."""
+import importlib
+
 import pytest
 import torch
 from reference_libs import reference
@@ -63,3 +65,19 @@ def test_bad_arguments():
         nf4.dequantize(qw, dtype=torch.int8)
     with pytest.raises(TypeError, match="QuantizedWeight"):
         nf4.dequantize(torch.randn(64))
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        nf4.dequantize(nf4.quantize(torch.randn(64)), backend="triton")
+
+
+def test_auto_uses_the_torch_path_on_cpu(monkeypatch):
+    module = importlib.import_module("nf4.dequantize")  # the submodule (nf4.dequantize is the function)
+
+    qw = nf4.quantize(torch.randn(64))
+    calls = []
+    monkeypatch.setattr(module, "dequantize_torch", lambda q, dtype: calls.append(dtype) or torch.zeros(64))
+    nf4.dequantize(qw)
+    assert calls == [torch.float32]
