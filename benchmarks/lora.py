@@ -81,6 +81,12 @@ VARIANTS = {
 REFERENCE = "(c) PEFT over bnb Linear4bit"
 
 
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def forward_backward(module, x, grad_out) -> float:
     start = time.perf_counter()
     module(x).backward(grad_out)
@@ -142,6 +148,14 @@ def main():
         n_act = sum(not r.is_parameter for r in saved[name])
         print(f"| {name} | {1e3 * fastest:.0f} ({1e3 * median:.0f}) | {fastest / ref_time:.2f}x | {nbytes / 2**20:.2f} | "
               f"{nbytes / ref_bytes:.2f}x | {n_act} / {len(saved[name]) - n_act} |")
+    print()
+    print("Each step dequantizes the base weight twice (forward, and again in backward). One dequantization, "
+          "fastest of the repeats:")
+    for name, module in modules.items():
+        if isinstance(module, lora.LoRALinear):
+            fastest = min(timed(lambda: lora.dequantized_weight(module.base_layer, torch.bfloat16))
+                          for _ in range(args.repeats))
+            print(f"    {name}: {1e3 * fastest:.0f} ms")
     print()
     for name, records in saved.items():
         print(f"{name}: saved for backward")
