@@ -23,6 +23,13 @@ from .frozen import frozen_linear
 
 
 class LoRALinear(nn.Module):
+    """``base(x) + s * B(A(dropout(x)))`` over a frozen linear-like ``base`` (module docstring).
+
+    r: rank, 1 <= r <= min(in, out); alpha: the scale numerator; dropout: on the adapter's input only;
+    rslora: s = alpha / sqrt(r); dora: add DoRA's magnitude vector; dtype: of the adapter weights.
+    The base is frozen in place (``requires_grad_(False)``).
+    """
+
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  rslora: bool = False, dora: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
