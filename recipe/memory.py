@@ -23,30 +23,56 @@ from torch.utils._pytree import tree_flatten
 
 
 class TensorMemory(TorchDispatchMode):
-    """``with TensorMemory() as mem: ...`` then ``mem.peak`` / ``mem.current`` (bytes)."""
+    """``with TensorMemory() as mem: ...`` then ``mem.peak`` / ``mem.current`` (bytes).
 
-    def __init__(self):
+    Storages of 1 MiB or more are re-measured before every operation, because a sharder frees and
+    re-grows a gathered buffer by resizing its storage (``untyped_storage().resize_``), which is not an
+    ATen operation the mode would see. ``record_peak=True`` keeps, in ``at_peak``, the (bytes, op that
+    made it) of every live storage of 1 MiB or more at the moment of the peak."""
+
+    BIG = 2**20
+
+    def __init__(self, record_peak: bool = False):
         super().__init__()
         self.current = self.peak = 0
-        self._live: set[int] = set()  # ids of counted storages
+        self._live: dict[int, list] = {}  # id(storage) -> [bytes now, op that made it]
+        self._big: dict[int, weakref.ref] = {}  # the storages re-measured before every op
+        self.record_peak = record_peak
+        self.at_peak: list[tuple[int, str]] = []
 
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    def _count(self, storage: torch.UntypedStorage) -> None:
+    def _set_peak(self) -> None:
+        if self.current > self.peak:
+            self.peak = self.current
+            if self.record_peak:
+                self.at_peak = sorted((tuple(v) for v in self._live.values() if v[0] >= self.BIG), reverse=True)
+
+    def _remeasure_big(self) -> None:
+        for key, ref in self._big.items():
+            storage = ref()
+            if storage is not None and storage.nbytes() != self._live[key][0]:
+                self.current += storage.nbytes() - self._live[key][0]
+                self._live[key][0] = storage.nbytes()
+
+    def _count(self, storage: torch.UntypedStorage, op: str) -> None:
         key, nbytes = id(storage), storage.nbytes()
         if key in self._live or nbytes == 0 or storage.device.type == "meta":
             return
-        self._live.add(key)
+        self._live[key] = [nbytes, op]
+        if nbytes >= self.BIG:
+            self._big[key] = weakref.ref(storage)
         self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._release, key, nbytes)
+        weakref.finalize(storage, self._release, key)
 
-    def _release(self, key: int, nbytes: int) -> None:
-        self._live.discard(key)
-        self.current -= nbytes
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key)[0]
+        self._big.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._remeasure_big()
+        self._set_peak()
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor) and t.device.type != "meta"}
@@ -54,7 +80,9 @@ class TensorMemory(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 if storage.data_ptr() not in inputs:
-                    self._count(storage)
+                    self._count(storage, str(func))
+        self._remeasure_big()
+        self._set_peak()
         return out
 
 

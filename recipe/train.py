@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
                          f"{len(train_windows)} (train) and {len(heldout)} (held-out)")
     check_plan(args, config, world, log)
 
-    memory = TensorMemory() if args.track_memory else None
+    memory = TensorMemory(record_peak=True) if args.track_memory else None
     if memory:
         memory.__enter__()
     opts = BuildOptions(model=args.model, quant=args.quant, lora=args.lora, shard=args.shard, rank=args.rank,
@@ -271,7 +271,8 @@ def finish(built, args, out, rank, world, eval_before, eval_after, start, t0, to
     peaks = [None] * world
     dist.all_gather_object(peaks, {"peak_rss_mib": peak_rss_bytes() / 2**20,
                                    "load_peak_rss_mib": built.load_peak_rss / 2**20,
-                                   "peak_tensor_mib": memory.peak / 2**20 if memory else None})
+                                   "peak_tensor_mib": memory.peak / 2**20 if memory else None,
+                                   "at_peak_mib": [(round(b / 2**20, 1), op) for b, op in memory.at_peak[:8]] if memory else None})
     summary = {"eval_loss_before": eval_before, "eval_loss_after": eval_after, "steps": args.steps - start,
                "tokens_per_s": tokens_per_step * (args.steps - start) / elapsed, "seconds": elapsed, "ranks": peaks}
     log(f"held-out loss: {eval_before:.4f} -> {eval_after:.4f}; {summary['tokens_per_s']:.0f} tokens/s over "
