@@ -9,6 +9,8 @@ CPU ``quantize_4bit`` operation by operation (fp32 throughout; x = w * (1/absmax
 w / absmax for the last, partial one; an all-zero partial block stores absmax 1e-38; an odd element
 count is padded with one zero, code 7), so a tensor quantized here and there gives identical bytes.
 """
+import functools
+
 import torch
 
 from .codebook import NF4_CODE
@@ -37,13 +39,38 @@ def _check_weight(w) -> None:
         raise TypeError(f"w must be float32, bfloat16 or float16, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"w is empty (shape {tuple(w.shape)}): nothing to quantize")
-    if not torch.isfinite(w).all():
+
+
+def _check_finite(absmax: torch.Tensor) -> None:
+    """NaN and Inf propagate into their block's absmax, so checking the absmax checks the weight."""
+    if not torch.isfinite(absmax).all():
         raise ValueError("w contains NaN or Inf: a block's absmax would be meaningless")
 
 
 def _codes(scaled: torch.Tensor) -> torch.Tensor:
-    """Nearest NF4 code of values in [-1, 1]; on a midpoint, the lower one."""
+    """Nearest NF4 code of values in [-1, 1]; on a midpoint, the lower one (a binary search per value)."""
     return torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device), out_int32=True)
+
+
+# The same answer ~9x faster on CPU, for the bulk of the weight. The 15 midpoints are at least 0.08
+# apart, so cutting the line into cells of width 1/32 leaves at most one midpoint per cell. A table gives,
+# per cell, how many midpoints lie below the cell; one comparison with the next midpoint finishes:
+#     code = below[cell(x)] + (x > midpoint[below[cell(x)]])
+# Rounding can put x into a neighbouring cell only when x is within ~1e-7 of a cell edge, and no midpoint
+# is that close to an edge (the nearest is 1.7e-3 away, checked below), so the count is still exact.
+_CELLS_PER_UNIT = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _cell_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 midpoints-below per cell, fp32 midpoints + inf); cell c covers [c/32 - 2, (c+1)/32 - 2)."""
+    edges = torch.arange(4 * _CELLS_PER_UNIT + 2, dtype=torch.float64) / _CELLS_PER_UNIT - 2
+    midpoints = NF4_MIDPOINTS.double()
+    assert (midpoints[:, None] - edges[None, :]).abs().min() > 1e-4, "a midpoint sits on a cell edge"
+    assert torch.bincount(torch.bucketize(midpoints, edges, right=True)).max() <= 1, "two midpoints in one cell"
+    below = torch.bucketize(edges, midpoints).to(torch.int32)  # number of midpoints < each cell's left edge
+    next_midpoint = torch.cat([NF4_MIDPOINTS, torch.tensor([float("inf")])])
+    return below.to(device), next_midpoint.to(device)
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -60,23 +87,34 @@ def _quantize_full_blocks(blocks: torch.Tensor, absmax: torch.Tensor, packed: to
     """
     n_blocks, block_size = blocks.shape
     rows = max(1, _CHUNK_VALUES // block_size)
+    below, next_midpoint = _cell_tables(blocks.device)
     scaled = torch.empty(rows, block_size, dtype=torch.float32, device=blocks.device)
+    scratch = torch.empty(rows * block_size, dtype=torch.float32, device=blocks.device)
+    cell = torch.empty(rows * block_size, dtype=torch.int32, device=blocks.device)
     codes = torch.empty(rows * block_size, dtype=torch.int32, device=blocks.device)
+    above = torch.empty(rows * block_size, dtype=torch.bool, device=blocks.device)
     pair_bits = torch.empty(rows * block_size // 2, dtype=torch.int64, device=blocks.device)
-    midpoints = NF4_MIDPOINTS.to(blocks.device)
     for start in range(0, n_blocks, rows):
         k = min(rows, n_blocks - start)
-        x, c, p = scaled[:k], codes[: k * block_size], pair_bits[: k * block_size // 2]
+        m = k * block_size
+        x = scaled[:k]
         x.copy_(blocks[start : start + k])  # to fp32
         low, high = torch.aminmax(x, dim=1)  # max |w| = max(max w, -min w)
         chunk_absmax = torch.maximum(high, low.neg_(), out=absmax[start : start + k])
+        _check_finite(chunk_absmax)
         x.mul_((1.0 / chunk_absmax.clamp(min=1e-38))[:, None])
-        torch.bucketize(x.view(-1), midpoints, out_int32=True, out=c)
+        x = x.view(-1)
+        # nearest code, as _codes() but by cells (see above): cell = trunc((x + 2) * 32)
+        torch.mul(x, _CELLS_PER_UNIT, out=scratch[:m]).add_(2 * _CELLS_PER_UNIT)
+        cell[:m].copy_(scratch[:m])
+        torch.index_select(below, 0, cell[:m], out=codes[:m])
+        torch.index_select(next_midpoint, 0, codes[:m], out=scratch[:m])
+        codes[:m].add_(torch.gt(x, scratch[:m], out=above[:m]))
         # Pack: viewed as int64, a pair of int32 codes (c0, c1) is c0 + (c1 << 32) (little endian), so
         # ((v << 4) | (v >> 32)) has (c0 << 4) | c1 in its low byte; the uint8 copy keeps that byte.
-        v = c.view(torch.int64)
+        v, p = codes[:m].view(torch.int64), pair_bits[: m // 2]
         torch.bitwise_left_shift(v, 4, out=p).bitwise_or_(v >> 32)
-        packed[start * block_size // 2 : (start + k) * block_size // 2].copy_(p)
+        packed[start * block_size // 2 : start * block_size // 2 + m // 2].copy_(p)
 
 
 def quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> QuantizedWeight:
@@ -94,6 +132,7 @@ def quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -
         _quantize_full_blocks(flat[:full].view(n_full_blocks, block_size), absmax, packed)
     if full < n:  # the last, partial block: bitsandbytes divides here and stores the clamped absmax
         tail_absmax = flat[full:].abs().amax().float().clamp(min=1e-38)
+        _check_finite(tail_absmax)
         absmax[-1] = tail_absmax
         tail = flat[full:].float() / tail_absmax
         if tail.numel() % 2:  # an odd count is padded with one zero (code 7)

@@ -161,3 +161,19 @@ def test_property_error_within_half_the_largest_gap(shape, block_size, double_qu
         bound += (block_absmax(qw) - absmax[::block_size]).abs().repeat_interleave(block_size)[: flat.numel()]
     error = (qw.dequantize(torch.float32).reshape(-1) - flat).abs()
     assert torch.all(error <= bound)
+
+
+def test_cell_search_equals_binary_search():
+    """The fast cell lookup used for whole blocks gives bucketize's codes, also right at and beside the
+    midpoints (one float step either side) and at the cell edges."""
+    from nf4.quantize import _codes
+
+    mid = NF4_MIDPOINTS
+    up, down = torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0))
+    edges = torch.arange(-32, 33) / 32
+    values = torch.cat([mid, up, down, edges, torch.nextafter(edges, torch.tensor(2.0)), torch.rand(100_000) * 2 - 1])
+    values = torch.nn.functional.pad(values.clamp(-1, 1), (0, -values.numel() % 4095)).view(-1, 4095)
+    values = torch.cat([torch.ones(values.shape[0], 1), values], dim=1).view(-1)  # absmax 1: x is w itself
+    qw = nf4.quantize(values, block_size=4096, double_quant=False)
+    codes = torch.stack([qw.packed >> 4, qw.packed & 0xF], dim=1).reshape(-1)
+    assert torch.equal(codes.int(), _codes(values))
