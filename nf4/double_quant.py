@@ -58,6 +58,5 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def dequantize_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The inverse: code value * its block's nested absmax, then + offset (fp32, in that order, as bitsandbytes)."""
     n = codes.numel()
-    values = _dynamic_code_on(codes.device)[codes.to(torch.int64)]
-    block = torch.arange(n, device=codes.device) // NESTED_BLOCK_SIZE
-    return values * nested_absmax[block] + offset
+    values = _dynamic_code_on(codes.device)[F.pad(codes, (0, -n % NESTED_BLOCK_SIZE)).to(torch.int64)]
+    return (values.view(-1, NESTED_BLOCK_SIZE) * nested_absmax[:, None]).view(-1)[:n] + offset
