@@ -20,7 +20,7 @@ from distributed import free_port, run_on_ranks
 from reference_libs import reference
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--seq-len", "32", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--eval-batches", "2", "--no-progress"]
+FAST = ["--dtype", "fp32", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--eval-batches", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="session")
