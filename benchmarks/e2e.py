@@ -45,7 +45,7 @@ def library_worker(args) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed + rank)
-    dtype = torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     train_ids, heldout_ids = data.tokenize_splits(data.load_documents(None), llama.load_tokenizer(args.model))
     train_windows, heldout = data.windows(train_ids, args.seq_len), data.windows(heldout_ids, args.seq_len)
     rss_before = current_rss_bytes()
@@ -119,14 +119,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: recipe.train's default")
     p.add_argument("--out", default=None)
     p.add_argument("--library-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.dtype is None:
+        from recipe.train import default_dtype
+
+        args.dtype = default_dtype()
     if args.library_worker:
         return library_worker(args)
     shared = ["--model", args.model, "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size",
               str(args.batch_size), "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
-              "--eval-batches", str(args.eval_batches), "--seed", str(args.seed)]
+              "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--dtype", args.dtype]
     out = Path(args.out or tempfile.mkdtemp(prefix="home70b-e2e-"))
     (out / "ours").mkdir(parents=True, exist_ok=True)
     (out / "library").mkdir(parents=True, exist_ok=True)
@@ -143,7 +148,7 @@ def main() -> None:
     rows.append(("held-out loss before", ours["eval_loss_before"], lib["eval_loss_before"], "{:.4f}"))
     rows.append((f"held-out loss after {args.steps} steps", ours["eval_loss_after"], lib["eval_loss_after"], "{:.4f}"))
     print(f"\nend to end, 2 ranks, batch {args.batch_size} x seq {args.seq_len} per rank, r={args.rank}, "
-          f"{args.steps} steps, fp32 compute on CPU")
+          f"{args.steps} steps, {args.dtype} compute")
     print(f"| {'':<34} | {'ours':>10} | {'library':>10} | {'ours/lib':>8} |")
     print(f"|{'-' * 36}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
     for name, a, b, fmt in rows:
