@@ -7,7 +7,7 @@ For a preset, a checkpoint with the preset's exact widths (hidden 8192, intermed
 vocab 32000 for Llama-2-70B) but only ``--layers`` decoder layers and random bf16 weights is written to
 a temporary directory; then ``recipe.train`` runs a few steps on 2 gloo ranks through the very same
 code as the main job, with ``--track-memory`` (``recipe.memory.TensorMemory``: the CPU analog of
-``torch.cuda.max_memory_allocated``), and the plan for the same setup (fp32 compute, as on CPU) is
+``torch.cuda.max_memory_allocated``), and the plan for the same setup (``--dtype``, fp32 by default) is
 printed beside the measured peaks.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run(model_dir: Path, out: Path, args) -> dict:
                "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
                "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant,
-               "--tokenizer", "byte"]
+               "--tokenizer", "byte", "--dtype", args.dtype]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="home70b-measure-") as tmp:
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
 
         config = llama.LlamaConfig.from_hf(model_dir)
     setup = Setup(world_size=args.nproc, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
-                  target_modules=LINEARS, activation_checkpointing=args.activation_checkpointing, compute_bytes=4,
+                  target_modules=LINEARS, activation_checkpointing=args.activation_checkpointing, compute_bytes=4 if args.dtype == "fp32" else 2,
                   quantize=args.quant == "nf4")
     planned = plan(config, setup)
     print(planned.table())
