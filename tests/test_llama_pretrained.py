@@ -22,6 +22,15 @@ def quant_quality():
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster when the CPU is shared (CI, other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def heldout():
     return stdlib_tokens("heldout")
