@@ -4,8 +4,9 @@
 ``DTensor.full_tensor`` for FSDP2), then rank 0 writes them with ``lora.save_adapter`` (our LoRA) or
 from PEFT's own ``LoraConfig`` (PEFT's LoRA). Either way the directory holds ``adapter_config.json`` +
 ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(LlamaForCausalLM(...), dir)`` loads.
-``base_model_name_or_path`` records the base's directory and ``home70b_base`` its shape, so loading
-the adapter onto another base fails with a message that says so (`load_onto_base`).
+``base_model_name_or_path`` records the base's directory and ``home70b_base.json`` (beside PEFT's two
+files, which PEFT ignores) the base's shape, so loading the adapter onto another base fails with a
+message that says so (`load_onto_base`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 import llama
 import lora
 
-BASE_KEY = "home70b_base"
+BASE_FILE = "home70b_base.json"
 
 
 def gathered_trainable_state(built) -> dict[str, torch.Tensor] | None:
@@ -87,10 +88,8 @@ def save_trained_adapter(built, args, directory: Path) -> Path | None:
         tensors = {"base_model.model." + k.replace(".default", ""): v.contiguous() for k, v in state.items()}
         _write_atomically(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
         _write_atomically(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    config_path = directory / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config[BASE_KEY] = _base_fingerprint(args.model)
-    _write_atomically(config_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    shape = json.dumps(_base_fingerprint(args.model), indent=1) + "\n"
+    _write_atomically(directory / BASE_FILE, lambda tmp: Path(tmp).write_text(shape))
     return directory
 
 
@@ -99,7 +98,8 @@ def load_onto_base(model_dir, adapter_dir, dtype=torch.float32) -> llama.Llama:
 
     An adapter trained on a base of another shape is refused with a ValueError naming both shapes."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    recorded, actual = config.get(BASE_KEY), _base_fingerprint(model_dir)
+    shape_file, actual = Path(adapter_dir) / BASE_FILE, _base_fingerprint(model_dir)
+    recorded = json.loads(shape_file.read_text()) if shape_file.is_file() else None
     if recorded is not None and recorded != actual:
         differ = {k: (recorded.get(k), v) for k, v in actual.items() if recorded.get(k) != v}
         raise ValueError(f"adapter {adapter_dir} was trained on another base ({config.get('base_model_name_or_path')}):"

@@ -100,3 +100,34 @@ def test_an_adapter_from_another_base_is_refused_by_name(tmp_path, trained_adapt
     with pytest.raises(ValueError, match=r"another base.*hidden_size"):
         load_onto_base(tmp_path, trained_adapter)
     assert Path(trained_adapter, "adapter_model.safetensors").is_file()
+
+
+def test_a_prequantized_bitsandbytes_checkpoint_loads_without_dequantizing(tiny_model, tmp_path):
+    """Every linear stored as bitsandbytes 4-bit (quantized by bitsandbytes itself): build keeps its bytes."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bnb = reference("bitsandbytes")
+    import nf4
+
+    state, stored = load_file(tiny_model / "model.safetensors"), {}
+    for name in [n for n in state if n.endswith("_proj.weight")]:
+        w = state.pop(name)
+        packed, quant_state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        stored[name] = packed
+        state[name] = packed
+        state.update({f"{name}.{k}": v for k, v in quant_state.as_dict(packed=True).items()})
+    save_file(state, tmp_path / "model.safetensors")
+    shutil.copy(tiny_model / "config.json", tmp_path / "config.json")
+    built = build(BuildOptions(model=tmp_path, quant="nf4", shard="none"))
+    for name, packed in stored.items():
+        layer = built.model.get_submodule(name[:-len(".weight")] + ".base_layer")
+        assert torch.equal(layer.weight_packed.reshape(-1), packed.reshape(-1)), name  # the very same bytes
+    reference_build = build(BuildOptions(model=tiny_model, quant="nf4", shard="none"))
+    ids = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(built.model(ids), reference_build.model(ids))  # nf4 quantizes bit-exactly like bnb
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 64
+    with pytest.raises(ValueError, match="pre-quantized"):
+        build(BuildOptions(model=tmp_path, quant="none", shard="none"))
