@@ -56,15 +56,18 @@ def test_bundled_model_is_pretrained_far_below_the_byte_unigram_baseline(heldout
     assert logged["final_heldout_loss_bf16"] < 0.75 * logged["unigram_heldout_loss"]
 
 
-def test_pretrain_script_writes_a_loadable_checkpoint_and_log(tmp_path):
-    log = pretrain_main(["--out", str(tmp_path), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-                         "--eval-every", "2", "--eval-windows", "4", "--hidden", "32", "--layers", "2",
-                         "--heads", "4", "--kv-heads", "2", "--intermediate", "64"])
-    model = llama.load_checkpoint(None, tmp_path)
+def test_pretrain_script_is_deterministic_and_writes_a_loadable_checkpoint(tmp_path):
+    """Same command, same bytes: the bundled weights are what ``python -m llama.pretrain`` produces."""
+    args = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-windows", "4",
+            "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "64"]
+    log = pretrain_main(["--out", str(tmp_path / "a"), *args])
+    pretrain_main(["--out", str(tmp_path / "b"), *args])
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    model = llama.load_checkpoint(None, tmp_path / "a")
     assert model.config.hidden_size == 32 and model.lm_head.weight.dtype == torch.bfloat16
     assert [point["step"] for point in log["curve"]] == [2, 3]
-    assert json.loads((tmp_path / "pretrain_log.json").read_text())["final_heldout_loss_bf16"] == pytest.approx(
-        log["final_heldout_loss_bf16"])
+    logged = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())
+    assert logged["final_heldout_loss_bf16"] == pytest.approx(log["final_heldout_loss_bf16"])
 
 
 def test_int4_absmax_lands_on_15_levels_per_block():
