@@ -3,7 +3,8 @@
 A tiny random Llama (2 layers, hidden 64) is written once per session; every run fine-tunes it on
 short windows of the pydoc corpus. Swapping ONE component for the library version must give the same
 loss curve as ours: bitsandbytes' Linear4bit (identical NF4 bytes) and FSDP2 within 1e-4 relative,
-PEFT's LoRA (same math, different operation order) within 1e-3 relative, over 20 steps.
+PEFT's LoRA (same math, different operation order) within 1e-3 relative, over 20 steps. Activation
+checkpointing (recomputes the same forward) within 1e-6, and offload (a no-op move on CPU) exactly.
 """
 import json
 import os
@@ -51,11 +52,12 @@ def test_swapping_one_component_gives_the_same_loss_curve(tiny_model, tmp_path):
     reference("bitsandbytes"), reference("peft")
     common = ["--steps", "20", "--eval-every", "20", *FAST]
     variants = {"ours": common, "bnb": ["--quant", "bnb", *common], "peft": ["--lora", "peft", *common],
-                "fsdp2": ["--shard", "fsdp2", *common]}
+                "fsdp2": ["--shard", "fsdp2", *common], "checkpointing": ["--activation-checkpointing", *common],
+                "offload": ["--offload", *common]}
     summaries = run_on_ranks(_train_variants, 2, args=(tiny_model, tmp_path, variants), timeout_s=300)[0]
     ours = torch.tensor(losses(tmp_path / "ours"))
     assert len(ours) == 20 and ours[-5:].mean() < ours[:5].mean()  # it learns
-    for name, tolerance in (("bnb", 1e-4), ("fsdp2", 1e-4), ("peft", 1e-3)):
+    for name, tolerance in (("bnb", 1e-4), ("fsdp2", 1e-4), ("peft", 1e-3), ("checkpointing", 1e-6), ("offload", 0)):
         theirs = torch.tensor(losses(tmp_path / name))
         torch.testing.assert_close(theirs, ours, rtol=tolerance, atol=0, msg=f"--{name} loss curve differs")
     assert summaries["ours"]["eval_loss_after"] < summaries["ours"]["eval_loss_before"]
