@@ -10,8 +10,8 @@ frees them after forward and gathers them again before backward works unchanged.
 
 The quantized tensors are registered as frozen parameters (``requires_grad=False``) named
 ``weight_packed``, ``weight_absmax`` and, with double quantization, ``weight_nested_absmax`` and
-``weight_offset``; ``layer.weight`` rebuilds a ``QuantizedWeight`` over whatever those currently
-are. Casting the model (``model.to(torch.bfloat16)``) moves them but keeps their dtypes: the fp32
+``weight_offset`` (a 0-dim tensor, as in bitsandbytes); ``layer.weight`` rebuilds a ``QuantizedWeight``
+over whatever those currently are, parameters or buffers (a wrapper may re-register them as buffers). Casting the model (``model.to(torch.bfloat16)``) moves them but keeps their dtypes: the fp32
 scales must stay fp32 for the weight to mean the same thing.
 """
 import torch
@@ -53,8 +53,11 @@ class Linear4bit(nn.Module):
     def _set_quantized(self, qw: QuantizedWeight) -> None:
         self.weight_shape, self.weight_dtype, self.block_size = qw.shape, qw.dtype, qw.block_size
         for name in QuantizedWeight.TENSOR_NAMES:
-            tensor = getattr(qw, name)
-            self.register_parameter(f"weight_{name}", None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+            key, tensor = f"weight_{name}", getattr(qw, name)
+            if key in self._buffers:  # re-registered as a buffer (e.g. for FSDP2): keep it one
+                self._buffers[key] = tensor
+            else:
+                self.register_parameter(key, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -98,12 +101,16 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Move with the model, but never change the quantized tensors' dtypes (see the module docstring)."""
-        keep = {n: t.data for n, t in self.named_parameters(recurse=False) if n.startswith("weight_")}
+        tensors = list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))
+        keep = {n: t.data for n, t in tensors if n.startswith("weight_")}
         super()._apply(fn, recurse)
         for name, before in keep.items():
-            param = getattr(self, name)
-            if param.dtype != before.dtype:
-                param.data = before.to(param.device)
+            now = getattr(self, name)
+            if now.dtype != before.dtype:
+                if name in self._buffers:
+                    self._buffers[name] = before.to(now.device)
+                else:
+                    now.data = before.to(now.device)
         return self
 
     def extra_repr(self) -> str:

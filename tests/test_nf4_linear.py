@@ -121,3 +121,19 @@ def test_deepcopy_and_errors():
         nf4.Linear4bit(nf4.quantize(torch.randn(64)))
     with pytest.raises(ValueError, match="bias"):
         nf4.Linear4bit(nf4.quantize(torch.randn(4, 64)), bias=torch.zeros(5))
+
+
+def test_tensors_re_registered_as_buffers_keep_working():
+    """recipe/ moves them to buffers for FSDP2; weight, casting and set_weight must still work."""
+    _, layer = make(double_quant=False)
+    for name in [n for n, _ in layer.named_parameters() if n.startswith("weight_")]:
+        tensor = getattr(layer, name).data
+        del layer._parameters[name]
+        layer.register_buffer(name, tensor)
+    before = layer.weight.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.weight_absmax.dtype == torch.float32 and torch.equal(layer.weight.dequantize(torch.float32), before)
+    new = torch.randn(40, 96)
+    layer.set_weight(new)
+    assert "weight_packed" in dict(layer.named_buffers())
+    assert torch.equal(layer.weight.dequantize(), nf4.quantize(new, double_quant=False).dequantize())
