@@ -9,4 +9,4 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
     exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 300 python benchmarks/nf4.py --device cuda --repeats 5
+timeout 300 python -m benchmarks.nf4 --device cuda --repeats 5

@@ -1,6 +1,6 @@
 """QLoRA linear layer, side by side: forward+backward time and what autograd saves, in one run.
 
-    python benchmarks/lora.py [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3]
+    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3]
 
 One 4096x4096 base, 2048 tokens, LoRA rank 16, bf16 compute and bf16 adapters, input requiring grad:
 
@@ -18,18 +18,13 @@ parameter costs nothing and is left out). Targets (issue 3): (a) time <= 1.0x (c
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-# Run as a script, this file's folder comes first on sys.path and "import lora" would import this very
-# file (benchmarks/lora.py) instead of the lora package: drop the folder first.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-import lora  # noqa: E402
+import lora
 
 
 def bnb_linear4bit(linear: nn.Linear) -> nn.Module:

@@ -1,7 +1,7 @@
 """NF4, ours vs bitsandbytes, measured side by side in one run; prints one table.
 
-    python benchmarks/nf4.py                   # CPU: PyTorch path vs bitsandbytes' CPU backend
-    python benchmarks/nf4.py --device cuda     # GPU: our Triton kernel vs bitsandbytes' CUDA kernels,
+    python -m benchmarks.nf4                   # CPU: PyTorch path vs bitsandbytes' CPU backend
+    python -m benchmarks.nf4 --device cuda     # GPU: our Triton kernel vs bitsandbytes' CUDA kernels,
                                                # and both against a plain device copy (benchmarks/gpu.sh)
 
 Rows: quantize and dequantize time of one 4096 x 14336 bf16 weight (an MLP projection of Llama-3-8B),
@@ -11,16 +11,11 @@ error on N(0, 1) data for NF4, bitsandbytes' FP4 and a plain 4-bit absmax intege
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# Run as a script, this file's folder comes first on sys.path and "import nf4" would import this very
-# file: drop that folder so the package is found.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-import nf4  # noqa: E402
+import nf4
 
 try:
     import bitsandbytes as bnb
@@ -70,7 +65,7 @@ def timing_rows(device, repeats):
     med = {k: statistics.median(v) for k, v in t.items()}
     path = "Triton kernel" if device.type == "cuda" else "PyTorch path"
     rows = [
-        (f"quantize 4096x14336 bf16, ms", med["ours_q"] * 1e3, med["bnb_q"] * 1e3, med["bnb_q"] / med["ours_q"], "x speed"),
+        ("quantize 4096x14336 bf16, ms", med["ours_q"] * 1e3, med["bnb_q"] * 1e3, med["bnb_q"] / med["ours_q"], "x speed"),
         (f"dequantize ({path}), ms", med["ours_d"] * 1e3, med["bnb_d"] * 1e3, med["bnb_d"] / med["ours_d"], "x speed"),
         ("identical bytes / identical values", f"{same_bytes} / {same_values}", "", None, ""),
     ]

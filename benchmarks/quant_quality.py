@@ -1,6 +1,6 @@
 """Held-out loss of the bundled pretrained model with every decoder-layer linear quantized to 4 bits.
 
-    python benchmarks/quant_quality.py [--model assets/tiny-llama] [--windows 256]
+    python -m benchmarks.quant_quality [--model assets/tiny-llama] [--windows 256]
 
 QLoRA (Dettmers et al. 2023, section 3 and Table 2) finds NF4 better than FP4 and plain integer
 4-bit at equal bits. Here the same question on a real, if tiny, pretrained Llama: each format
@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-# Run as a script, this folder comes first on sys.path and its sibling benchmarks/nf4.py would shadow
-# the nf4 package: take the folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
 

@@ -1,6 +1,6 @@
 """Train steps of a small Llama-shaped stack: ours (sharding) vs PyTorch FSDP2 vs no sharding. One table.
 
-    torchrun --nproc_per_node 2 benchmarks/sharding.py [--layers 8 --dim 512 --steps 5]
+    torchrun --nproc_per_node 2 -m benchmarks.sharding [--layers 8 --dim 512 --steps 5]
 
 Per rank: median step time (forward + backward + AdamW step), peak memory during the steps
 (max_memory_allocated on GPU; on CPU the peak of the process RSS above its level before the model was
@@ -15,7 +15,6 @@ import ctypes
 import gc
 import os
 import statistics
-import sys
 import threading
 import time
 
@@ -24,10 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# This script is itself named sharding.py: drop its folder from the path so the import finds the package.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-import sharding  # noqa: E402
+import sharding
 
 
 class RMSNorm(nn.Module):

@@ -1,7 +1,6 @@
 """Bad input to shard_model fails at once with a clear error naming the argument (never a hang later),
 and the spawned-ranks helper turns a failing rank into a readable error instead of a stuck test."""
 import pytest
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 
