@@ -1,6 +1,6 @@
 """End to end, 2 ranks: our QLoRA + FSDP recipe vs the library stack, same model, data and hyper-parameters.
 
-    python benchmarks/e2e.py [--steps 60 --seq-len 128 --batch-size 4]
+    python -m benchmarks.e2e [--steps 60 --seq-len 128 --batch-size 4]
 
 (a) ours     ``torchrun -m recipe.train``: nf4.Linear4bit + lora.LoRALinear + sharding.shard_model
 (b) library  transformers ``LlamaForCausalLM`` loaded 4-bit by bitsandbytes (NF4, double quantization,
