@@ -1,1 +1,11 @@
-"""recipe: placeholder package; its issue fills it in."""
+"""recipe: the composition -- fine-tune a Llama with QLoRA + FSDP, every piece swappable for the library one.
+
+    torchrun --nproc_per_node 2 -m recipe.train       # the main job (bundled tiny-llama, pydoc topics)
+    python -m recipe.plan llama-2-70b --offload        # per-rank memory plan for any config
+    python -m recipe.measure --preset llama-2-70b      # the plan checked against a real 2-rank run
+
+Files, in reading order: data.py (corpus, resumable sampler), build.py (meta -> stream -> NF4 -> LoRA ->
+shard), train.py (the loop), checkpoint.py (atomic save, exact resume), adapter.py (PEFT-format
+adapter), plan.py (memory planner), memory.py + measure.py (measuring what the plan predicts).
+Imports nf4, lora, sharding and llama; none of them imports recipe.
+"""

@@ -20,6 +20,7 @@ what both LoRA implementations draw), so every rank and every variant starts fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from pathlib import Path
 
@@ -96,10 +97,16 @@ class ShardableBnbLinear4bit:
         self.__dict__["_sharded_weight"] = value
 
 
+@functools.cache
+def _shardable_bnb_class():
+    bnb = __import__("bitsandbytes")  # only --quant bnb needs it
+    return type("ShardableBnbLinear4bit", (ShardableBnbLinear4bit, bnb.nn.Linear4bit), {})
+
+
 def bnb_linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, block_size: int = 64) -> nn.Module:
     """A bitsandbytes NF4 ``Linear4bit`` (double quantization) holding ``weight``, quantized on CPU."""
     bnb = __import__("bitsandbytes")
-    cls = type("ShardableBnbLinear4bit", (ShardableBnbLinear4bit, bnb.nn.Linear4bit), {})
+    cls = _shardable_bnb_class()
     out_features, in_features = weight.shape
     with torch.device("meta"):
         module = cls(in_features, out_features, bias=False, compute_dtype=compute_dtype,
@@ -136,8 +143,7 @@ def add_lora(module: nn.Module, opts: BuildOptions) -> list[str]:
     peft = __import__("peft")
     config = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
                              target_modules=list(opts.target_modules), init_lora_weights=True)
-    if hasattr(nf4, "Linear4bit"):
-        config._register_custom_module({nf4.Linear4bit: peft.tuners.lora.layer.Linear})
+    config._register_custom_module({nf4.Linear4bit: peft.tuners.lora.layer.Linear})  # PEFT's LoRA over our NF4
     lora.select_targets(module, list(opts.target_modules))  # the same clear error for a pattern matching nothing
     peft.inject_adapter_in_model(config, module)
     module.requires_grad_(False)
@@ -170,7 +176,7 @@ def load_quantized(opts: BuildOptions) -> tuple[llama.Llama, list[str]]:
     lora_names = []
     for index, tensors in llama.iter_checkpoint(opts.model, config):
         for name, value in tensors.items():
-            module_name, _, attr = name.rpartition(".")
+            module_name = name.rpartition(".")[0]
             if module_name.rsplit(".", 1)[-1] in LINEARS:
                 parent_name, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child,
