@@ -195,13 +195,19 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(built.parameters, lr=args.lr, weight_decay=0.0)
     sampler = data.Sampler(train_windows, args.batch_size, rank, world, seed=args.seed)
     fingerprint = {k: getattr(args, k) for k in ("quant", "lora", "shard", "rank", "alpha", "seq_len", "batch_size",
-                                                  "grad_accum", "steps", "lr", "seed", "target_modules")}
+                                                  "grad_accum", "steps", "lr", "seed", "target_modules", "dtype")}
+    fingerprint["base"] = {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                           "num_attention_heads", "num_key_value_heads", "vocab_size")}
     start = 0
-    if args.resume and checkpoint.latest(out / "checkpoints") is not None:
-        meta = checkpoint.load(checkpoint.latest(out / "checkpoints"), built.parameters, optimizer, fingerprint)
-        sampler.load_state_dict(meta["sampler"])
-        start = meta["step"]
-        log(f"resumed from step {start}")
+    if args.resume:
+        found = checkpoint.latest(out / "checkpoints")
+        if found is None:
+            log(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        else:
+            meta = checkpoint.load(found, built.parameters, optimizer, fingerprint)
+            sampler.load_state_dict(meta["sampler"])
+            start = meta["step"]
+            log(f"resumed from step {start}")
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # keep only the lines of steps the checkpoint covers: a resumed log equals an unbroken one
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \

@@ -131,3 +131,11 @@ def test_a_prequantized_bitsandbytes_checkpoint_loads_without_dequantizing(tiny_
     assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 64
     with pytest.raises(ValueError, match="pre-quantized"):
         build(BuildOptions(model=tmp_path, quant="none", shard="none"))
+
+
+def test_resuming_onto_another_base_or_setting_is_refused(tiny_model, tmp_path):
+    """A checkpoint written for one base / one set of flags cannot be resumed with another."""
+    flags = ["--steps", "4", "--save-every", "2", "--eval-every", "4", *FAST]
+    run_on_ranks(_train_one, 1, args=(tiny_model, tmp_path, flags))
+    with pytest.raises(RuntimeError, match=r"settings differ.*'rank': \(4, 2\)"):
+        run_on_ranks(_train_one, 1, args=(tiny_model, tmp_path, [*flags, "--resume", "--rank", "2"]))
