@@ -196,23 +196,6 @@ def load_quantized(opts: BuildOptions) -> tuple[llama.Llama, list[str]]:
     return model, lora_names
 
 
-def repoint_views_after_gather(unit) -> None:
-    """Work-around: after every all-gather, point the unit's attributes at the gathered views again.
-
-    The frozen path of a LoRA layer reads ``base.weight`` in backward (``lora/frozen.py``: it keeps no
-    copy), but ``sharding`` re-gathers a unit for backward without re-pointing the attributes that its
-    ``free`` set to meta placeholders, so backward would read a placeholder. Harmless once sharding
-    re-points itself (setting an attribute twice)."""
-    gather = unit.gather
-
-    def gather_and_point(*args, **kwargs):
-        gather(*args, **kwargs)
-        for group in unit.groups:
-            group.point_module_at_views()
-
-    unit.gather = gather_and_point
-
-
 def nf4_tensors_as_buffers(model: nn.Module) -> None:
     """For FSDP2: re-register nf4.Linear4bit's frozen uint8/fp32 tensors as buffers, which FSDP2 leaves
     unsharded (replicated). FSDP2 refuses 0-dim parameters (the absmax offset) and gathers each unit's
@@ -233,8 +216,6 @@ def shard(model: llama.Llama, opts: BuildOptions, process_group=None):
     if opts.shard == "ours":
         sharded = sharding.shard_model(model, units, process_group=process_group, compute_dtype=compute,
                                        reduce_dtype=torch.float32, offload=opts.offload)
-        for unit in sharded.units:
-            repoint_views_after_gather(unit)
         return sharded, sharded.parameters(), sharded
     if opts.shard == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
