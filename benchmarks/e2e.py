@@ -101,7 +101,7 @@ def library_worker(args) -> None:
 
 def torchrun(script_args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *script_args],
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script_args],
                    check=True, cwd=ROOT, env=env)
 
 

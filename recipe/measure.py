@@ -48,9 +48,9 @@ def random_checkpoint(preset: str, layers: int, directory: Path, seed: int = 0) 
 
 def run(model_dir: Path, out: Path, args) -> dict:
     """Train ``--steps`` steps on ``--nproc`` ranks with memory tracking; return summary.json."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "-m", "recipe.train",
-               "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-               "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               "-m", "recipe.train", "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps),
+               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
                "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant,
                "--tokenizer", "byte", "--dtype", args.dtype]
     if args.activation_checkpointing:

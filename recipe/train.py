@@ -210,9 +210,15 @@ def main(argv=None) -> dict:
             log(f"resumed from step {start}")
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # keep only the lines of steps the checkpoint covers: a resumed log equals an unbroken one
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
-            if start and metrics_path.exists() else []
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+        kept = []
+        for line in metrics_path.read_text().splitlines() if start and metrics_path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                break
+            if record["step"] <= start:
+                kept.append(line)
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     log(f"rank 0 of {world}: {args.quant} base, {args.lora} LoRA (r={args.rank}, {len(built.lora_names)} layers), "
         f"{args.shard} sharding, {args.dtype}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
 

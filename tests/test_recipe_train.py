@@ -67,8 +67,8 @@ def test_swapping_one_component_gives_the_same_loss_curve(tiny_model, tmp_path):
 
 def torchrun(out, model, *flags, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "recipe.train", "--model", str(model), "--out", str(out), *flags]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
+               "-m", "recipe.train", "--model", str(model), "--out", str(out), *flags]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
