@@ -145,10 +145,12 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
     assert (tmp_path / "step-000002.tmp").is_dir()          # the half-committed one is there ...
     assert checkpoint.latest(tmp_path) == tmp_path / "step-000001"  # ... but latest still names step 1
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = torch.optim.AdamW([p])
-    meta = checkpoint.load(checkpoint.latest(tmp_path), [p], opt, fingerprint={})
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:  # the group is this test's own: leave none behind for later tests in this process
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = torch.optim.AdamW([p])
+        meta = checkpoint.load(checkpoint.latest(tmp_path), [p], opt, fingerprint={})
+    finally:
+        dist.destroy_process_group()
     assert meta["step"] == 1 and meta["sampler"]["position"] == 5
     assert torch.all(p < 1.0) and "exp_avg" in opt.state[p]  # one AdamW step from ones, not the 7s
