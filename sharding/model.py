@@ -14,6 +14,8 @@ tensors are; ``offload=True`` then moves them to CPU memory); every rank runs th
 order (collectives must match); and a unit's forward is followed by its backward before that unit runs
 forward again (gradient accumulation = forward + backward per micro-batch, as usual).
 """
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -99,40 +101,77 @@ def _validate_units(model, units) -> list:
     return units
 
 
-def _collect_tensors(model, units) -> dict:
-    """For each unit (root included): {id(tensor): [tensor, keys, owners, trainable, persistent]}.
+def _collect_unit(unit, prefix, unit_ids, home) -> list:
+    """The tensors whose innermost unit is ``unit``: [tensor, keys, owners, trainable, persistent] each.
 
-    A tensor belongs to the innermost unit above the module that registers it; a tensor registered in
-    two units (weights tied across units) is refused.
+    The walk stops at nested units (they collect their own). ``home`` maps id(tensor) to (a weak
+    reference to it, the unit that took it) over all units so far: a tensor registered in two units
+    (weights tied across units) is refused. The weak reference tells a tensor still alive in an earlier
+    unit from a new tensor that reuses the id of one already freed after slicing.
     """
-    unit_ids = {id(u) for u in units}
-    persistent = set(model.state_dict(keep_vars=True))
-    found = {id(m): {} for m in [model, *units]}
-    home = {}  # id(tensor) -> id(unit)
+    name = prefix.removesuffix(".") or "root"
+    persistent = set(unit.state_dict(prefix=prefix, keep_vars=True))
+    found = {}
 
-    def visit(module, prefix, unit):
-        unit = module if id(module) in unit_ids else unit
+    def visit(module, prefix):
         registered = [(n, t, t.requires_grad) for n, t in module.named_parameters(recurse=False)]
         registered += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
-        for name, tensor, trainable in registered:
-            key = prefix + name
-            if home.setdefault(id(tensor), id(unit)) != id(unit):
+        for attribute, tensor, trainable in registered:
+            key = prefix + attribute
+            ref, owner_unit = home.get(id(tensor), (None, name))
+            if ref is not None and ref() is tensor and owner_unit != name:
                 raise ValueError(f"model: tensor {key!r} is shared by two units; keep tied tensors in one unit")
-            entry = found[id(unit)].setdefault(id(tensor), [tensor, [], [], trainable, False])
+            home[id(tensor)] = (weakref.ref(tensor), name)
+            entry = found.setdefault(id(tensor), [tensor, [], [], trainable, False])
             if key not in entry[1]:
                 entry[1].append(key)
-            if (module, name) not in entry[2]:
-                entry[2].append((module, name))
+            if (module, attribute) not in entry[2]:
+                entry[2].append((module, attribute))
             entry[4] |= key in persistent
         for child_name, child in module.named_children():
-            visit(child, f"{prefix}{child_name}.", unit)
+            if id(child) not in unit_ids:
+                visit(child, f"{prefix}{child_name}.")
 
-    visit(model, "", model)
-    return found
+    visit(unit, prefix)
+    return list(found.values())
+
+
+def _check_unit(name, entries, device, description):
+    """Append the unit's tensors to ``description`` (for the ranks-agree check); refuse tensors still
+    on ``meta`` or on another device than the units before. Returns the device."""
+    for tensor, keys, _, trainable, _ in entries:
+        description.append(f"{name}:{keys}:{tuple(tensor.shape)}:{tensor.dtype}:{trainable}")
+        if tensor.device.type == "meta":
+            raise ValueError(f"model: unit {name!r} has tensors on the meta device ({keys[0]!r}); materialize "
+                             "them before shard_model, or in its materialize callback")
+        if device is not None and tensor.device != device:
+            raise ValueError(f"model: all tensors must be on one device, found {device} and {tensor.device} "
+                             f"(unit {name!r}, {keys[0]!r})")
+        device = tensor.device
+    return device
+
+
+def _shard_unit(sharded, unit, name, entries, **flat_options) -> ShardedUnit:
+    """Flatten ``entries`` into one FlatGroup per (dtype, trainable), keep this rank's slice, unregister
+    the originals. Returns with no reference to the full tensors left (the caller drops ``entries``)."""
+    by_group = {}
+    for entry in entries:
+        by_group.setdefault((entry[0].dtype, entry[3]), []).append(entry)
+    groups = []
+    for (dtype, trainable), members in by_group.items():
+        slots = lay_out([(tensor, keys, owners, persistent) for tensor, keys, owners, _, persistent in members])
+        kind = "trainable" if trainable else "frozen"
+        groups.append(FlatGroup(f"{name}[{str(dtype).replace('torch.', '')} {kind}]", [m[0] for m in members],
+                                slots, trainable=trainable, **flat_options))
+        for slot in slots:  # unregister: from now on the hooks set these attributes
+            for owner, attribute in slot.owners:
+                delattr(owner, attribute)
+        groups[-1].point_module_at_placeholders()
+    return ShardedUnit(name, unit, groups, sharded)
 
 
 def shard_model(model, units, process_group=None, compute_dtype=None, reduce_dtype=torch.float32,
-                prefetch=True, reshard_after_forward=True, offload=False) -> ShardedModel:
+                prefetch=True, reshard_after_forward=True, offload=False, materialize=None) -> ShardedModel:
     """Shard ``model`` over the ranks of ``process_group`` (default: the default group), unit by unit.
 
     units: submodules (e.g. decoder layers) that are gathered and freed one at a time; the root (the
@@ -144,45 +183,41 @@ def shard_model(model, units, process_group=None, compute_dtype=None, reduce_dty
     reshard_after_forward: free a unit after its forward (gather again for backward) instead of
         keeping it gathered until its backward.
     offload: keep shards (and master weights, so the optimizer step) in CPU memory.
+    materialize: optional ``materialize(unit)``, called for each unit of ``units`` in order, right
+        before that unit is sliced. A 70B Llama does not fit whole in one rank's CPU memory even in NF4
+        (35 GB), so build it on ``meta``, materialize the root's own tensors, and let ``materialize``
+        load (quantize, wrap) one unit at a time: each unit's full tensors are dropped as soon as its
+        slice is kept, so loading holds about this rank's shards plus one unit.
+
+    The ranks-agree check (one collective) runs after every unit is sliced (slicing runs none): ranks
+    that built different models all raise before the first gather. After an error during the walk
+    (a unit still on ``meta``, tied across units, ...) the model is half-wrapped: build it again.
     """
     units = _validate_units(model, units)
-    found = _collect_tensors(model, units)
-    if not dist.is_initialized():
-        raise ValueError("process_group: torch.distributed is not initialized (call init_process_group first)")
-    group = process_group
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    unit_ids, home = {id(u) for u in units}, {}
     names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
     names[id(model)] = "root"
-
-    description, devices = [], set()
-    for module in [model, *units]:
-        for tensor, keys, _, trainable, _ in found[id(module)].values():
-            description.append(f"{names[id(module)]}:{keys}:{tuple(tensor.shape)}:{tensor.dtype}:{trainable}")
-            devices.add(tensor.device)
-    if len(devices) > 1:
-        raise ValueError(f"model: all tensors must be on one device, found {sorted(map(str, devices))}")
-    device = devices.pop() if devices else torch.device("cpu")
-    if device.type == "meta":
-        raise ValueError("model: tensors are on the meta device; materialize them before shard_model")
-    check_ranks_agree("\n".join(description), group, device)
+    prefixes = {id(m): "" if m is model else names[id(m)] + "." for m in [model, *units]}
+    for module in [model, *units]:  # refuse ties across units before anything changes (seen again per unit)
+        _collect_unit(module, prefixes[id(module)], unit_ids, home)
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialized (call init_process_group first)")
+    if materialize is not None and not callable(materialize):
+        raise TypeError(f"materialize must be callable or None, got {type(materialize).__name__}")
+    group = process_group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
 
     sharded = ShardedModel(model, group, prefetch, reshard_after_forward)
+    description, device = [], None
     for module in [model, *units]:
-        by_group = {}
-        for entry in found[id(module)].values():
-            by_group.setdefault((entry[0].dtype, entry[3]), []).append(entry)
-        groups = []
-        for (dtype, trainable), entries in by_group.items():
-            slots = lay_out([(tensor, keys, owners, persistent) for tensor, keys, owners, _, persistent in entries])
-            kind = "trainable" if trainable else "frozen"
-            groups.append(FlatGroup(
-                f"{names[id(module)]}[{str(dtype).replace('torch.', '')} {kind}]", [e[0] for e in entries], slots,
-                trainable=trainable, group=group, rank=rank, world=world, device=device,
-                compute_dtype=compute_dtype, reduce_dtype=reduce_dtype, offload=offload))
-            for slot in slots:  # unregister: from now on the hooks set these attributes
-                for owner, attribute in slot.owners:
-                    delattr(owner, attribute)
-            groups[-1].point_module_at_placeholders()
-        found[id(module)] = None  # drop our references to the original tensors
-        sharded.units.append(ShardedUnit(names[id(module)], module, groups, sharded))
+        if materialize is not None and module is not model:
+            materialize(module)
+        entries = _collect_unit(module, prefixes[id(module)], unit_ids, home)
+        device = _check_unit(names[id(module)], entries, device, description)
+        sharded.units.append(_shard_unit(
+            sharded, module, names[id(module)], entries, group=group, rank=rank, world=world,
+            device=device or torch.device("cpu"), compute_dtype=compute_dtype, reduce_dtype=reduce_dtype,
+            offload=offload))
+        del entries  # nothing here references the unit's full tensors now: they are freed before the next
+    check_ranks_agree("\n".join(description), group, device or torch.device("cpu"))
     return sharded

@@ -111,12 +111,35 @@ VARIANTS = {  # name: (shard_model options, micro-batches per step, activation c
     "offload_and_clip": (dict(offload=True), 1, False, 0.05, False),
     "checkpoint_and_accumulate": ({}, 2, True, None, False),
     "tied_embedding_and_head": ({}, 1, False, None, True),
+    "built_on_meta_materialized_per_unit": (dict(materialize=True), 1, False, None, False),
 }
+
+
+def on_meta_with_loader(source):
+    """``source`` rebuilt on meta, its root tensors loaded, plus a ``materialize`` that loads each unit
+    from ``source``'s state dict (as recipe.build loads a decoder layer from the checkpoint) and
+    records the order it was called in."""
+    state, order = source.state_dict(), []
+    with torch.device("meta"):
+        model = Tiny(source.use_checkpoint)
+
+    def load(module, prefix):
+        module.to_empty(device="cpu")
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
+    load(model.embed, "embed."), load(model.head, "head.")
+    names = {module: name for name, module in model.named_modules()}
+    materialize = lambda unit: order.append(names[unit]) or load(unit, names[unit] + ".")  # noqa: E731
+    return model, materialize, order
 
 
 def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip, tie):
     torch.manual_seed(0)
-    sharded = sharding.shard_model(model := Tiny(use_checkpoint, tie=tie), list(model.layers), **options)
+    model, order = Tiny(use_checkpoint, tie=tie), None
+    if options.get("materialize"):
+        model, materialize, order = on_meta_with_loader(model)
+        options = {**options, "materialize": materialize}
+    sharded = sharding.shard_model(model, list(model.layers), **options)
     optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
     tokens, targets = (t.chunk(world)[rank] for t in global_batch())  # this rank's slice of the batch
     losses = []
@@ -130,6 +153,7 @@ def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip, tie
         optimizer.step()
         optimizer.zero_grad()
     return {"state": sharding.full_state_dict(sharded), "memory": sharding.memory_report(sharded, optimizer),
+            "losses": losses, "materialize_order": order,
             "shard_numels": [g.shard_numel for u in sharded.units for g in u.groups],
             "numels": [sum(s.numel for s in g.slots) for u in sharded.units for g in u.groups]}
 
@@ -190,6 +214,21 @@ def disagreeing_ranks(rank, world):
     return None
 
 
+def meta_left_by_materialize(rank, world):
+    """A materialize that forgets one tensor: a clear error naming the unit (every rank raises alike)."""
+    model, materialize, _ = on_meta_with_loader(Tiny())
+
+    def forgetful(unit):
+        materialize(unit)
+        if unit is model.layers[1]:
+            unit.norm = nn.Parameter(torch.empty(DIM, device="meta"))
+    try:
+        sharding.shard_model(model, list(model.layers), materialize=forgetful)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def fsdp2_comparison(rank, world):
     """The same model and data under ours and under FSDP2 fully_shard, in fp32 and with bf16 compute
     (fp32 masters, fp32 reduce): losses and gradients of two AdamW steps."""
@@ -232,6 +271,7 @@ def job(rank, world):
     out["frozen"] = frozen_round_trip(rank, world)
     out["state_dict"] = state_dict_round_trip(rank, world)
     out["disagree"] = disagreeing_ranks(rank, world) if world > 1 else None
+    out["meta_left"] = meta_left_by_materialize(rank, world)
     out["fsdp2"] = fsdp2_comparison(rank, world) if world == 2 else None
     return out
 
@@ -334,3 +374,22 @@ def test_same_losses_and_gradients_as_fsdp2_fully_shard(ranks, compute_dtype):
             for our_grads, their_grads in zip(ours["grads"], theirs["grads"]):
                 assert our_grads.keys() == their_grads.keys()
                 assert max(relative_error(our_grads[k], their_grads[k]) for k in our_grads) <= tolerance
+
+
+def test_a_model_built_on_meta_and_materialized_unit_by_unit_trains_identically(ranks):
+    """shard_model(..., materialize=...) loads each unit just before slicing it, in the order given:
+    the same losses and parameters, bit for bit, as sharding the model built whole."""
+    world, results = ranks
+    for result in results:
+        per_unit, whole = result["built_on_meta_materialized_per_unit"], result["default"]
+        assert per_unit["materialize_order"] == [f"layers.{i}" for i in range(LAYERS)]
+        assert per_unit["losses"] == whole["losses"]
+        assert per_unit["state"].keys() == whole["state"].keys()
+        assert all(torch.equal(per_unit["state"][k], whole["state"][k]) for k in whole["state"])
+
+
+def test_a_tensor_left_on_meta_by_materialize_is_a_clear_error_naming_the_unit(ranks):
+    world, results = ranks
+    for result in results:
+        assert result["meta_left"] is not None
+        assert "unit 'layers.1' has tensors on the meta device ('layers.1.norm')" in result["meta_left"]
