@@ -29,7 +29,8 @@ _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "al
                 "modules_to_save": None, "layers_to_transform": None, "use_qalora": False, "lora_bias": False}
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path`` (all or nothing)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
@@ -67,8 +68,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

@@ -11,8 +11,6 @@ message that says so (`load_onto_base`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 
 import llama
 import lora
+from lora.adapter_io import write_atomically
 
 BASE_FILE = "home70b_base.json"
 
@@ -43,17 +42,6 @@ def _base_fingerprint(model_dir) -> dict:
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size")
     return {k: getattr(config, k) for k in keys}
-
-
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _with_tensors(model: nn.Module, state: dict[str, torch.Tensor]):
@@ -86,10 +74,10 @@ def save_trained_adapter(built, args, directory: Path) -> Path | None:
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         config["peft_type"], config["task_type"] = "LORA", None
         tensors = {"base_model.model." + k.replace(".default", ""): v.contiguous() for k, v in state.items()}
-        _write_atomically(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
-        _write_atomically(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        write_atomically(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
+        write_atomically(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     shape = json.dumps(_base_fingerprint(args.model), indent=1) + "\n"
-    _write_atomically(directory / BASE_FILE, lambda tmp: Path(tmp).write_text(shape))
+    write_atomically(directory / BASE_FILE, lambda tmp: Path(tmp).write_text(shape))
     return directory
 
 
