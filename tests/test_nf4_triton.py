@@ -45,7 +45,7 @@ def run_checks() -> int:
 @pytest.mark.slow
 def test_triton_kernel_under_interpreter_is_bit_identical():
     reference("bitsandbytes")  # the subprocess compares with it too: fail/skip here if it is missing
-    pytest.importorskip("triton")
+    reference("triton")  # a hard dependency on Linux: missing under HOME70B_REQUIRE_COMPARE=1 fails
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
