@@ -64,11 +64,7 @@ class FlatGroup:
         self.padding = self.padded_numel - numel
 
         with torch.no_grad():
-            start = rank * self.shard_numel
-            flat = torch.cat([t.detach().reshape(-1) for t in tensors] +
-                             [torch.zeros(self.padding, dtype=self.dtype, device=device)])
-            shard = flat[start:start + self.shard_numel].clone()
-            del flat
+            shard = self._my_slice(tensors, rank * self.shard_numel, device)
             if trainable:  # the fp32 master shard is the only copy of the values
                 shard = shard.float()
             if offload:  # the shard lives in CPU memory and travels to `device` per gather
@@ -93,6 +89,18 @@ class FlatGroup:
         self._placeholders = [torch.empty(s.shape, dtype=self.gather_dtype, device="meta") for s in slots]
         self._pending = None  # (async work, source tensor kept alive) while a gather is in flight
         self._gathered_from = None  # version of the shard when last gathered, to spot a stale copy
+
+    def _my_slice(self, tensors, start, device) -> torch.Tensor:
+        """Elements [start, start + shard_numel) of the padded flat buffer, copied tensor by tensor: the
+        whole flat buffer is never built (for a 70B layer it would be one more copy of the layer)."""
+        shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=device)  # the padding stays zero
+        offset = 0
+        for tensor in tensors:
+            low, high = max(start, offset), min(start + self.shard_numel, offset + tensor.numel())
+            if low < high:
+                shard[low - start:high - start] = tensor.detach().reshape(-1)[low - offset:high - offset]
+            offset += tensor.numel()
+        return shard
 
     # ------------------------------------------------------------------ gather / free
     @property
