@@ -6,7 +6,8 @@
 The model is created on the ``meta`` device (no memory), then the checkpoint is streamed one decoder
 layer at a time (``llama.iter_checkpoint``): each linear is quantized to NF4 as it arrives and the
 bf16/fp32 source is dropped, the target linears get LoRA adapters, the norms are cast to the compute
-dtype. Then every decoder layer (and the embedding and lm_head) becomes a sharding unit.
+dtype, and the layer is sharded before the next one is read (every decoder layer, and the embedding
+and lm_head, is a sharding unit). So while loading a rank holds its own shards plus about one layer.
 
 Each component has a library twin, chosen by one option, so one swap at a time can be compared:
 
@@ -153,11 +154,13 @@ def add_lora(module: nn.Module, opts: BuildOptions) -> list[str]:
 
 
 @torch.no_grad()
-def reset_lora_init(model: nn.Module, seed: int) -> None:
-    """Re-draw every LoRA A from (seed, module name): U(-1/sqrt(in), 1/sqrt(in)), B stays zero."""
+def reset_lora_init(model: nn.Module, seed: int, prefix: str = "") -> None:
+    """Re-draw every LoRA A from (seed, module name): U(-1/sqrt(in), 1/sqrt(in)), B stays zero.
+
+    prefix: ``model``'s own name in the whole model (``"model.layers.3."`` for one decoder layer)."""
     for name, p in model.named_parameters():
         if p.requires_grad and ".lora_A." in name and name.endswith("weight"):
-            key = name.replace(".default", "").removeprefix("base_model.model.")  # PEFT's names -> ours
+            key = prefix + name.replace(".default", "").removeprefix("base_model.model.")  # PEFT's names -> ours
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             bound = 1 / p.shape[1] ** 0.5
             p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).to(p.dtype))
@@ -168,32 +171,45 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.
     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor.to(dtype), requires_grad=False))
 
 
-def load_quantized(opts: BuildOptions) -> tuple[llama.Llama, list[str]]:
-    """Meta model -> stream the checkpoint one layer at a time -> quantize linears, add LoRA per layer."""
+def _load_tensors(model: llama.Llama, tensors: dict, opts: BuildOptions) -> None:
+    """Put checkpoint tensors into the meta model: linears quantized (``opts.quant``), the rest cast.
+    Empties ``tensors`` as it goes: the checkpoint stream holds that dict too, so each source tensor is
+    freed as soon as it is converted, not when the next layer is read."""
+    for name in list(tensors):
+        value = tensors.pop(name)  # one source tensor at a time is freed once converted
+        module_name = name.rpartition(".")[0]
+        if module_name.rsplit(".", 1)[-1] in LINEARS:
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, frozen_linear_module(value, opts.quant, opts.compute_dtype))
+        else:
+            _set_tensor(model, name, value, opts.compute_dtype)
+
+
+def start_loading(opts: BuildOptions):
+    """The model on meta with its non-layer tensors loaded (embeddings, final norm, lm_head), and the
+    checkpoint stream positioned at decoder layer 0 (``llama.iter_checkpoint``)."""
     config = llama.LlamaConfig.from_hf(opts.model)
     with torch.device("meta"):
         model = llama.Llama(config)
-    lora_names = []
-    for index, tensors in llama.iter_checkpoint(opts.model, config):
-        for name, value in tensors.items():
-            module_name = name.rpartition(".")[0]
-            if module_name.rsplit(".", 1)[-1] in LINEARS:
-                parent_name, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child,
-                        frozen_linear_module(value, opts.quant, opts.compute_dtype))
-            else:
-                _set_tensor(model, name, value, opts.compute_dtype)
-        if index is not None:
-            layer = model.model.layers[index]
-            lora_names += [f"model.layers.{index}.{n}" for n in add_lora(layer, opts)]
-        del tensors
+    stream = llama.iter_checkpoint(opts.model, config)
+    _, tensors = next(stream)  # the non-layer group comes first
+    _load_tensors(model, tensors, opts)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.requires_grad_(False)
-    for name, p in model.named_parameters():
+    return model, stream
+
+
+def load_next_layer(model: llama.Llama, stream, opts: BuildOptions) -> list[str]:
+    """Read the next decoder layer from ``stream``: quantize its linears, wrap the targets with LoRA,
+    draw LoRA A from (seed, name); only LoRA stays trainable. Returns the wrapped modules' names."""
+    index, tensors = next(stream)
+    _load_tensors(model, tensors, opts)
+    layer, prefix = model.model.layers[index], f"model.layers.{index}."
+    names = [prefix + n for n in add_lora(layer, opts)]
+    for name, p in layer.named_parameters():
         p.requires_grad_("lora_" in name)
-    reset_lora_init(model, opts.seed)
-    return model, lora_names
+    reset_lora_init(layer, opts.seed, prefix=prefix)
+    return names
 
 
 def nf4_tensors_as_buffers(model: nn.Module) -> None:
@@ -207,39 +223,60 @@ def nf4_tensors_as_buffers(model: nn.Module) -> None:
                 module.register_buffer(name, module._parameters.pop(name).data)
 
 
-def shard(model: llama.Llama, opts: BuildOptions, process_group=None):
-    """(forward callable, optimizer parameters, ShardedModel or None) for ``opts.shard``."""
-    units = list(model.model.layers)
-    if not model.config.tie_word_embeddings:  # tied weights must stay in one unit: then both live in the root
-        units += [model.model.embed_tokens, model.lm_head]
-    compute = opts.compute_dtype
-    if opts.shard == "ours":
-        sharded = sharding.shard_model(model, units, process_group=process_group, compute_dtype=compute,
-                                       reduce_dtype=torch.float32, offload=opts.offload)
-        return sharded, sharded.parameters(), sharded
-    if opts.shard == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+def _fsdp2_sharder(opts: BuildOptions):
+    """``fully_shard`` with ``opts``' mixed precision and offload (FSDP2 shards a module at this call)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        nf4_tensors_as_buffers(model)
-        mesh = init_device_mesh("cpu" if not torch.cuda.is_available() else "cuda", (dist.get_world_size(),))
-        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
-        for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=policy, offload_policy=offload)
-        fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
-    return model, [p for p in model.parameters() if p.requires_grad], None
+    mesh = init_device_mesh("cpu" if not torch.cuda.is_available() else "cuda", (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=opts.compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
+
+    def shard_one(module):
+        nf4_tensors_as_buffers(module)
+        fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return shard_one
+
+
+def load_and_shard(opts: BuildOptions, process_group=None):
+    """(model, forward callable, optimizer parameters, ShardedModel or None, LoRA names) for ``opts``.
+
+    Layer by layer: each decoder layer is loaded, quantized and wrapped, then sharded before the next
+    one is read, so while loading a rank holds its shards plus about one layer in full (a 70B does
+    not fit whole in one rank's CPU memory, even in NF4). The embedding and lm_head are sharded first.
+    ``--shard ours`` lets ``sharding.shard_model`` pull each layer through its ``materialize``
+    callback; FSDP2 shards a module when ``fully_shard`` is called on it; ``--shard none`` keeps all.
+    """
+    model, stream = start_loading(opts)
+    layers, lora_names = list(model.model.layers), []
+    # tied weights must stay in one unit: then both live in the root
+    ends = [] if model.config.tie_word_embeddings else [model.model.embed_tokens, model.lm_head]
+    if opts.shard == "ours":
+        def materialize(unit):
+            if unit not in ends:  # a decoder layer (the ends are loaded already)
+                lora_names.extend(load_next_layer(model, stream, opts))
+
+        sharded = sharding.shard_model(model, ends + layers, process_group=process_group,
+                                       compute_dtype=opts.compute_dtype, reduce_dtype=torch.float32,
+                                       offload=opts.offload, materialize=materialize)
+        return model, sharded, sharded.parameters(), sharded, lora_names
+    fsdp2 = _fsdp2_sharder(opts) if opts.shard == "fsdp2" else None
+    for unit in ends if fsdp2 else []:
+        fsdp2(unit)
+    for layer in layers:
+        lora_names += load_next_layer(model, stream, opts)
+        if fsdp2:
+            fsdp2(layer)
+    if fsdp2:
+        fsdp2(model)
+    return model, model, [p for p in model.parameters() if p.requires_grad], None, lora_names
 
 
 def build(opts: BuildOptions, process_group=None) -> Built:
     """Load, quantize, add LoRA and shard the model of ``opts``; measure the RSS peak while doing it."""
+    if opts.shard != "none" and not dist.is_initialized():
+        raise ValueError(f"--shard {opts.shard} needs torch.distributed initialised (use torchrun)")
     rss_before = current_rss_bytes()
     reset_peak_rss()
-    model, lora_names = load_quantized(opts)
-    if dist.is_initialized() or opts.shard != "none":
-        if not dist.is_initialized():
-            raise ValueError(f"--shard {opts.shard} needs torch.distributed initialised (use torchrun)")
-        forward, params, sharded = shard(model, opts, process_group)
-    else:
-        forward, params, sharded = model, [p for p in model.parameters() if p.requires_grad], None
+    model, forward, params, sharded, lora_names = load_and_shard(opts, process_group)
     return Built(model, forward, params, sharded, lora_names, peak_rss_bytes(), rss_before)
