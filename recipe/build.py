@@ -228,7 +228,7 @@ def _fsdp2_sharder(opts: BuildOptions):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu" if not torch.cuda.is_available() else "cuda", (dist.get_world_size(),))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # CPU ranks, as recipe.train (gloo)
     policy = MixedPrecisionPolicy(param_dtype=opts.compute_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
 

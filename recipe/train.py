@@ -15,7 +15,7 @@ global-norm clipping, AdamW on the local fp32 master shards, linear warmup then 
 ``--eval-every`` steps the held-out loss; every ``--save-every`` steps an atomic checkpoint
 (``recipe/checkpoint.py``); one JSON line per step in ``<out>/metrics.jsonl``.
 
-Compute dtype (``--dtype``): bf16 where the hardware multiplies bf16 natively (CUDA, CPUs with
+Compute dtype (``--dtype``): bf16 where the CPU multiplies bf16 natively (CPUs with
 AVX512-BF16/AMX: measured 1.16x faster than fp32 here), fp32 otherwise (see ``default_dtype``).
 """
 from __future__ import annotations
@@ -41,12 +41,10 @@ STEP_SLEEP_S = float(os.environ.get("HOME70B_STEP_SLEEP_S", 0))  # tests: slow a
 
 
 def default_dtype() -> str:
-    """bf16 where the hardware multiplies bf16 natively (CUDA; x86 CPUs with AVX512-BF16 or AMX), else fp32.
+    """bf16 where the CPU multiplies bf16 natively (x86 with AVX512-BF16 or AMX), else fp32.
 
     Measured on a 2-core AMD EPYC with avx512_bf16 (chapter 7): the default run is 1.16x faster in bf16
     (5186 vs 4467 tokens/s; 1.56x under heavier load); without native bf16 the CPU emulates it."""
-    if torch.cuda.is_available():
-        return "bf16"
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
@@ -89,14 +87,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def init_distributed() -> None:
-    """torchrun's environment, or a one-process group so the same code runs without torchrun."""
+    """torchrun's environment, or a one-process group so the same code runs without torchrun.
+
+    Always gloo: this version of the loop keeps its tensors on CPU ranks. The modules it composes take
+    their device from the tensors (sharding runs on NCCL unchanged), but moving each materialized layer
+    and batch to a GPU is not done here yet: no GPU was available to test it."""
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo"
     if "RANK" in os.environ:
         dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         store = tempfile.NamedTemporaryFile(prefix="home70b-store-", delete=False).name
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
@@ -120,8 +120,6 @@ def all_mean(value: float) -> float:
 def memory_budget(args) -> int:
     if args.memory_gib is not None:
         return int(args.memory_gib * GiB)
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
     available = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines()
                      if l.startswith("MemAvailable")) if sys.platform == "linux" else 16 * GiB
     return available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
