@@ -54,13 +54,11 @@ def forward_backward(module, x, grad_out):
     return y, x.grad
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_ours_over_bnb_matches_peft_over_bnb(dora):
-    """Same bf16 compute, same 4-bit weight: outputs and gradients agree within bf16 tolerance."""
-    linear = float_linear()
-    ours = lora.LoRALinear(bnb_linear4bit(linear), r=R, alpha=16, dora=dora)
-    theirs, peft_layer = peft_over(bnb_linear4bit(linear), dora)
-    if dora:  # both initialise it from the dequantized 4-bit weight's row norms (PEFT: summed in bf16)
+def assert_matches_peft(ours: lora.LoRALinear, theirs, peft_layer) -> None:
+    """Same bf16 input and output gradient through both: outputs, dL/dx, dL/dA, dL/dB agree within bf16
+    tolerance, and DoRA's magnitude too (both initialise it from the dequantized 4-bit weight's row norms;
+    PEFT sums them in bf16)."""
+    if ours.dora:
         torch.testing.assert_close(ours.lora_magnitude_vector, peft_layer.lora_magnitude_vector["default"].weight,
                                    rtol=4e-3, atol=0)
     copy_adapter_into_peft(ours, peft_layer)
@@ -74,6 +72,15 @@ def test_ours_over_bnb_matches_peft_over_bnb(dora):
     for name in ("lora_A", "lora_B"):
         mine, peft_grad = getattr(ours, name).weight.grad, getattr(peft_layer, name)["default"].weight.grad
         torch.testing.assert_close(mine, peft_grad, rtol=2e-2, atol=2e-2 * peft_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_ours_over_bnb_matches_peft_over_bnb(dora):
+    """Same bf16 compute, same 4-bit weight: outputs and gradients agree within bf16 tolerance."""
+    linear = float_linear()
+    ours = lora.LoRALinear(bnb_linear4bit(linear), r=R, alpha=16, dora=dora)
+    theirs, peft_layer = peft_over(bnb_linear4bit(linear), dora)
+    assert_matches_peft(ours, theirs, peft_layer)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -137,20 +144,7 @@ def test_ours_over_nf4_matches_peft_over_bnb(dora):
     linear = float_linear()
     ours = lora.LoRALinear(nf4_linear4bit(linear), r=R, alpha=16, dora=dora)
     theirs, peft_layer = peft_over(bnb_linear4bit(linear), dora)
-    if dora:
-        torch.testing.assert_close(ours.lora_magnitude_vector, peft_layer.lora_magnitude_vector["default"].weight,
-                                   rtol=4e-3, atol=0)
-    copy_adapter_into_peft(ours, peft_layer)
-    x = torch.randn(2, TOKENS, IN, dtype=torch.bfloat16)
-    grad_out = torch.randn(2, TOKENS, OUT, dtype=torch.bfloat16)
-    y_ours, gx_ours = forward_backward(ours, x, grad_out)
-    y_theirs, gx_theirs = forward_backward(theirs, x, grad_out)
-    assert y_ours.dtype == torch.bfloat16
-    torch.testing.assert_close(y_ours, y_theirs, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(gx_ours, gx_theirs, rtol=2e-2, atol=2e-2)
-    for name in ("lora_A", "lora_B"):
-        mine, peft_grad = getattr(ours, name).weight.grad, getattr(peft_layer, name)["default"].weight.grad
-        torch.testing.assert_close(mine, peft_grad, rtol=2e-2, atol=2e-2 * peft_grad.abs().max().item())
+    assert_matches_peft(ours, theirs, peft_layer)
 
 
 @pytest.mark.parametrize("dora", [False, True])
