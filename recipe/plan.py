@@ -29,6 +29,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+import llama
+
 GiB = 1024 ** 3
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -37,40 +39,22 @@ NF4_TABLE_BYTES = 16 * 4          # the 16-value NF4 code book (fp32), stored wi
 DQ_TABLE_BYTES = 256 * 4 + 4      # double quant: the 8-bit code book (fp32) and the absmax mean offset
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """The numbers of a Llama config the planner needs (Hugging Face field names)."""
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
+def llama_config(config) -> llama.LlamaConfig:
+    """The model's numbers from a preset name, a config.json path or checkpoint directory, a Hugging Face
+    config dict, or a ``llama.LlamaConfig`` itself."""
+    if isinstance(config, llama.LlamaConfig):
+        return config
+    if isinstance(config, dict) or Path(config).exists():
+        return llama.LlamaConfig.from_hf(config)
+    return llama.LlamaConfig.preset(str(config))
 
-    @classmethod
-    def of(cls, config) -> "Shape":
-        """From a preset name, a config.json path or directory, a dict, or any object with the fields."""
-        if isinstance(config, (str, Path)):
-            from llama import LlamaConfig
 
-            is_file = Path(config).exists()
-            config = LlamaConfig.from_hf(config) if is_file else LlamaConfig.preset(str(config))
-        get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
-        values = {f.name: get(f.name, f.default) for f in dataclasses.fields(cls)}
-        if values["num_key_value_heads"] is None:
-            values["num_key_value_heads"] = values["num_attention_heads"]
-        missing = [k for k, v in values.items() if v is dataclasses.MISSING or v is None]
-        if missing:
-            raise ValueError(f"config is missing {missing}")
-        return cls(**values)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of the seven projections of one decoder layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        kv = self.num_key_value_heads * (h // self.num_attention_heads)
-        return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+def linear_shapes(config: llama.LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of the seven projections of one decoder layer."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * config.head_dim
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,15 +97,15 @@ def quantized_bytes(numel: int, block_size: int = 64, double_quant: bool = True)
     return math.ceil(numel / 2), absmax + NF4_TABLE_BYTES
 
 
-def lora_parameters(shape: Shape, setup: Setup) -> int:
+def lora_parameters(shape: llama.LlamaConfig, setup: Setup) -> int:
     """Trainable parameters: r * (in + out) per target linear (A is [r, in], B is [out, r]), plus the
     DoRA magnitude vector (out) when enabled, in every layer."""
     per_layer = sum(setup.rank * (i + o) + (o if setup.dora else 0)
-                    for name, (o, i) in shape.linear_shapes().items() if name in setup.target_modules)
+                    for name, (o, i) in linear_shapes(shape).items() if name in setup.target_modules)
     return per_layer * shape.num_hidden_layers
 
 
-def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
+def layer_activation_bytes(shape: llama.LlamaConfig, setup: Setup) -> int:
     """Bytes autograd keeps for one decoder layer's backward (no checkpointing), all tokens, not counting
     the layer's input (the "layer inputs" row).
 
@@ -142,7 +126,7 @@ def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
 @dataclasses.dataclass
 class Plan:
     """Rows of (name, bytes per rank, where, what) and the peak, per rank."""
-    shape: Shape
+    shape: llama.LlamaConfig
     setup: Setup
     rows: list[tuple[str, int, str, str]]
 
@@ -186,12 +170,12 @@ def gathered_bytes(embedding: int, layer: int, head: int, n_layers: int, prefetc
 
 
 def plan(config, setup: Setup | None = None) -> Plan:
-    """Per-rank memory of fine-tuning ``config`` (see ``Shape.of``) under ``setup``."""
-    shape = config if isinstance(config, Shape) else Shape.of(config)
+    """Per-rank memory of fine-tuning ``config`` (see ``llama_config``) under ``setup``."""
+    shape = llama_config(config)
     setup = setup or Setup()
     w, c = setup.world_size, setup.compute_bytes
     h, v, n_layers = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
-    linears = shape.linear_shapes()
+    linears = linear_shapes(shape)
     if setup.quantize:
         codes, absmax = map(sum, zip(*(quantized_bytes(o * i, setup.block_size, setup.double_quant)
                                        for o, i in linears.values())))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from recipe.plan import ALL_LINEAR, GiB, Setup, Shape, lora_parameters, main, plan, quantized_bytes
+from recipe.plan import ALL_LINEAR, GiB, Setup, llama_config, lora_parameters, main, plan, quantized_bytes
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100)
@@ -32,15 +32,15 @@ def test_bits_per_parameter_of_a_70b_matrix_is_4_127():
 def test_lora_parameter_count_tiny_by_hand():
     # head_dim 16, kv width 32; r=8: q 8*(64+64), k,v 8*(64+32), o 8*(64+64), gate/up/down 8*(64+128)
     per_layer = 1024 + 768 + 768 + 1024 + 3 * 1536
-    assert lora_parameters(Shape.of(TINY), Setup(rank=8)) == 2 * per_layer
-    assert lora_parameters(Shape.of(TINY), Setup(rank=8, target_modules=("q_proj",))) == 2 * 1024
+    assert lora_parameters(llama_config(TINY), Setup(rank=8)) == 2 * per_layer
+    assert lora_parameters(llama_config(TINY), Setup(rank=8, target_modules=("q_proj",))) == 2 * 1024
     # DoRA adds one magnitude per output feature: 64 for q_proj
-    assert lora_parameters(Shape.of(TINY), Setup(rank=8, target_modules=("q_proj",), dora=True)) == 2 * (1024 + 64)
+    assert lora_parameters(llama_config(TINY), Setup(rank=8, target_modules=("q_proj",), dora=True)) == 2 * (1024 + 64)
 
 
 def test_lora_parameter_count_llama2_70b_r64_all_linear():
     # the number PEFT prints for Llama-2-70B, r=64, all linear layers: 828,375,040
-    assert lora_parameters(Shape.of(LLAMA2_70B), Setup(rank=64)) == 828_375_040
+    assert lora_parameters(llama_config(LLAMA2_70B), Setup(rank=64)) == 828_375_040
 
 
 def test_70b_nf4_codes_are_half_a_byte_per_linear_weight_split_over_ranks():
@@ -60,7 +60,7 @@ def test_sharded_rows_scale_with_world_size_and_activations_do_not():
 
 
 def test_checkpointing_keeps_only_layer_inputs():
-    shape, c = Shape.of(TINY), 4
+    shape, c = llama_config(TINY), 4
     on = plan(shape, Setup(compute_bytes=c, batch_size=3, seq_len=5, activation_checkpointing=True))
     off = plan(shape, Setup(compute_bytes=c, batch_size=3, seq_len=5, activation_checkpointing=False))
     assert row(on, "activations: layer inputs") == 2 * 3 * 5 * 64 * c   # layers x tokens x hidden x bytes
@@ -94,7 +94,7 @@ def test_bad_setup_is_a_clear_error():
     with pytest.raises(ValueError, match="compute_bytes"):
         Setup(compute_bytes=3)
     with pytest.raises(ValueError, match="missing"):
-        Shape.of({"hidden_size": 8})
+        llama_config({"hidden_size": 8})
 
 
 def test_command_line_prints_a_table(capsys):
@@ -129,7 +129,7 @@ def test_layer_activation_formula_equals_what_autograd_saves(dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x, *rotary_cos_sin(config, seq, x.device, dtype))
     setup = Setup(batch_size=batch, seq_len=seq, rank=r, compute_bytes=x.element_size())
-    assert layer_activation_bytes(Shape.of(config), setup) == sum(saved.values())
+    assert layer_activation_bytes(llama_config(config), setup) == sum(saved.values())
 
 
 def test_gathered_units_are_the_largest_pair_of_neighbours():
