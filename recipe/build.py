@@ -4,8 +4,9 @@
     loss = built.forward(ids, labels=ids)[1]; loss.backward(); AdamW(built.parameters)...
 
 The model is created on the ``meta`` device (no memory), then the checkpoint is streamed one decoder
-layer at a time (``llama.iter_checkpoint``): each linear is quantized to NF4 as it arrives and the
-bf16/fp32 source is dropped, the target linears get LoRA adapters, the norms are cast to the compute
+layer at a time (``llama.iter_checkpoint``): each tensor is moved to the rank's device as it arrives
+(``BuildOptions.device``: its GPU, or the CPU), each linear is quantized to NF4 there and the bf16/fp32
+source is dropped, the target linears get LoRA adapters, the norms are cast to the compute
 dtype, and the layer is sharded before the next one is read (every decoder layer, and the embedding
 and lm_head, is a sharding unit). So while loading a rank holds its own shards plus about one layer.
 
@@ -34,6 +35,7 @@ import lora
 import nf4
 import sharding
 
+from .device import device_peak_mib, reset_device_peak
 from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
@@ -55,8 +57,10 @@ class BuildOptions:
     compute_dtype: torch.dtype = torch.float32
     offload: bool = False
     seed: int = 0
+    device: torch.device | str = "cpu"  # where the model computes (``recipe.device.resolve_device``)
 
     def __post_init__(self):
+        self.device = torch.device(self.device)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -76,6 +80,8 @@ class Built:
     lora_names: list[str]
     load_peak_rss: int          # bytes: the RSS high-water mark while loading, quantizing and sharding
     rss_before_load: int
+    device: torch.device
+    load_peak_device_mib: float | None  # the GPU's allocated high-water mark while loading (None on CPU)
 
 
 class ShardableBnbLinear4bit:
@@ -105,16 +111,16 @@ def _shardable_bnb_class():
 
 
 def bnb_linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, block_size: int = 64) -> nn.Module:
-    """A bitsandbytes NF4 ``Linear4bit`` (double quantization) holding ``weight``, quantized on CPU."""
+    """A bitsandbytes NF4 ``Linear4bit`` (double quantization) holding ``weight``, quantized on its device."""
     bnb = __import__("bitsandbytes")
     cls = _shardable_bnb_class()
     out_features, in_features = weight.shape
     with torch.device("meta"):
         module = cls(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                      compress_statistics=True, quant_type="nf4")
-    module.weight = bnb.nn.Params4bit(weight.detach().to("cpu"), requires_grad=False, blocksize=block_size,
+    module.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, blocksize=block_size,
                                       compress_statistics=True, quant_type="nf4", module=module)
-    module.weight = module.weight.to("cpu")  # Params4bit quantizes when moved to a device
+    module.weight = module.weight.to(weight.device)  # Params4bit quantizes when moved to a device
     module.support_avx512bf16_for_cpu = False  # never repack the bytes in place at eval time
     return module
 
@@ -171,12 +177,19 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.
     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor.to(dtype), requires_grad=False))
 
 
+def _to_device(value, device: torch.device):
+    """A checkpoint entry (a tensor, or a pre-quantized bitsandbytes state dict) on ``device``."""
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value.to(device)
+
+
 def _load_tensors(model: llama.Llama, tensors: dict, opts: BuildOptions) -> None:
-    """Put checkpoint tensors into the meta model: linears quantized (``opts.quant``), the rest cast.
-    Empties ``tensors`` as it goes: the checkpoint stream holds that dict too, so each source tensor is
-    freed as soon as it is converted, not when the next layer is read."""
+    """Put checkpoint tensors into the meta model: moved to ``opts.device``, then linears quantized there
+    (``opts.quant``) and the rest cast. Empties ``tensors`` as it goes: the checkpoint stream holds that
+    dict too, so each source tensor is freed as soon as it is converted, not when the next layer is read."""
     for name in list(tensors):
-        value = tensors.pop(name)  # one source tensor at a time is freed once converted
+        value = _to_device(tensors.pop(name), opts.device)  # one source tensor at a time, freed once converted
         module_name = name.rpartition(".")[0]
         if module_name.rsplit(".", 1)[-1] in LINEARS:
             parent_name, _, child = module_name.rpartition(".")
@@ -208,6 +221,8 @@ def load_next_layer(model: llama.Llama, stream, opts: BuildOptions) -> list[str]
     names = [prefix + n for n in add_lora(layer, opts)]
     for name, p in layer.named_parameters():
         p.requires_grad_("lora_" in name)
+        if p.requires_grad:  # ours creates adapters beside the base weight; make sure PEFT's are there too
+            p.data = p.data.to(opts.device)
     reset_lora_init(layer, opts.seed, prefix=prefix)
     return names
 
@@ -228,7 +243,7 @@ def _fsdp2_sharder(opts: BuildOptions):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # CPU ranks, as recipe.train (gloo)
+    mesh = init_device_mesh(opts.device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=opts.compute_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
 
@@ -278,5 +293,7 @@ def build(opts: BuildOptions, process_group=None) -> Built:
         raise ValueError(f"--shard {opts.shard} needs torch.distributed initialised (use torchrun)")
     rss_before = current_rss_bytes()
     reset_peak_rss()
+    reset_device_peak(opts.device)
     model, forward, params, sharded, lora_names = load_and_shard(opts, process_group)
-    return Built(model, forward, params, sharded, lora_names, peak_rss_bytes(), rss_before)
+    return Built(model, forward, params, sharded, lora_names, peak_rss_bytes(), rss_before, opts.device,
+                 device_peak_mib(opts.device))

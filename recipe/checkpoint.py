@@ -4,7 +4,7 @@ A checkpoint is a directory ``<out>/checkpoints/step-000040/`` holding, for ever
 
 * ``rank{r}.safetensors``: that rank's trainable tensors exactly as the optimizer steps them (the local
   fp32 master shards under sharding: the adapter, sharded), AdamW's ``exp_avg`` / ``exp_avg_sq`` / ``step``
-  for each, and the torch RNG state (dropout masks);
+  for each, and the torch RNG states (dropout masks: the CPU generator, and this rank's GPU's when on CUDA);
 * ``rank{r}.json``: the step, the sampler position, the world size and a fingerprint of the run.
 
 Writing is atomic at the directory level: every rank writes into ``step-000040.tmp/``, all ranks meet
@@ -48,6 +48,8 @@ def save(directory: Path, step: int, params: list, optimizer: torch.optim.Optimi
         tmp.mkdir(parents=True)
     dist.barrier()
     tensors = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's, as recipe.device sets it
     for i, p in enumerate(params):
         tensors[f"param.{i}"] = _local(p.detach())
         state = optimizer.state.get(p, {})
@@ -93,10 +95,13 @@ def load(checkpoint: Path, params: list, optimizer: torch.optim.Optimizer, finge
         for i, p in enumerate(params):
             _local(p).copy_(tensors[f"param.{i}"])
             if f"exp_avg.{i}" in tensors:
-                like = (lambda t: type(p).from_local(t, p.device_mesh, p.placements)) if hasattr(p, "to_local") \
-                    else (lambda t: t.to(p.device))
+                device = _local(p).device
+                like = (lambda t: type(p).from_local(t.to(device), p.device_mesh, p.placements)) \
+                    if hasattr(p, "to_local") else (lambda t: t.to(device))
                 optimizer.state[p] = {"step": tensors[f"step.{i}"].reshape(()).clone(),
                                       "exp_avg": like(tensors[f"exp_avg.{i}"]),
                                       "exp_avg_sq": like(tensors[f"exp_avg_sq.{i}"])}
     torch.set_rng_state(tensors["rng"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda_rng"])
     return meta

@@ -8,7 +8,8 @@ vocab 32000 for Llama-2-70B) but only ``--layers`` decoder layers and random bf1
 a temporary directory; then ``recipe.train`` runs a few steps on 2 gloo ranks through the very same
 code as the main job, with ``--track-memory`` (``recipe.memory.TensorMemory``: the CPU analog of
 ``torch.cuda.max_memory_allocated``), and the plan for the same setup (``--dtype``, fp32 by default) is
-printed beside the measured peaks.
+printed beside the measured peaks. With ``--device cuda`` (one rank per GPU) the measured peak is the
+GPU's own ``torch.cuda.max_memory_allocated`` -- the number the plan is for.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def run(model_dir: Path, out: Path, args) -> dict:
                "-m", "recipe.train", "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
                "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant,
-               "--tokenizer", "byte", "--dtype", args.dtype]
+               "--tokenizer", "byte", "--dtype", args.dtype, "--device", args.device]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -73,6 +74,7 @@ def main(argv=None) -> dict:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: measure the GPU's peak")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="home70b-measure-") as tmp:
@@ -88,11 +90,12 @@ def main(argv=None) -> dict:
     print(planned.table())
     result = {"model": args.preset or str(args.model), "layers": config.num_hidden_layers,
               "planned_gib": planned.peak_gpu_bytes / GiB,
-              "measured_gib": [r["peak_tensor_mib"] / 1024 for r in summary["ranks"]],
+              "measured_gib": [(r["peak_device_mib"] if args.device == "cuda" else r["peak_tensor_mib"]) / 1024
+                               for r in summary["ranks"]],
               "load_peak_rss_gib": [r["load_peak_rss_mib"] / 1024 for r in summary["ranks"]],
               "rows": [(name, b / GiB) for name, b, _, _ in planned.rows]}
     for rank, measured in enumerate(result["measured_gib"]):
-        print(f"rank {rank}: planned {result['planned_gib']:.3f} GiB, measured peak tensors {measured:.3f} GiB "
+        print(f"rank {rank}: planned {result['planned_gib']:.3f} GiB, measured peak on {args.device} {measured:.3f} GiB "
               f"(planned / measured = {result['planned_gib'] / measured:.3f}), "
               f"load peak RSS {result['load_peak_rss_gib'][rank]:.2f} GiB")
     if args.json:

@@ -15,8 +15,9 @@ global-norm clipping, AdamW on the local fp32 master shards, linear warmup then 
 ``--eval-every`` steps the held-out loss; every ``--save-every`` steps an atomic checkpoint
 (``recipe/checkpoint.py``); one JSON line per step in ``<out>/metrics.jsonl``.
 
-Compute dtype (``--dtype``): bf16 where the CPU multiplies bf16 natively (CPUs with
-AVX512-BF16/AMX: measured 1.16x faster than fp32 here), fp32 otherwise (see ``default_dtype``).
+Device (``--device``, ``recipe/device.py``): each rank on its own GPU (``cuda:LOCAL_RANK``, NCCL) when
+CUDA is visible, else on the CPU (gloo). Compute dtype (``--dtype``): bf16 on a GPU and where the CPU
+multiplies bf16 natively (AVX512-BF16/AMX: measured 1.16x faster than fp32 here), fp32 otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,19 +34,12 @@ import torch.distributed as dist
 
 from . import checkpoint, data
 from .build import DEFAULT_MODEL, LINEARS, BuildOptions, build
+from .device import (DEVICES, all_mean, default_dtype, device_peak_mib, device_total_bytes, init_distributed,
+                     reset_device_peak, resolve_device)
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import GiB, Setup, plan
 
 STEP_SLEEP_S = float(os.environ.get("HOME70B_STEP_SLEEP_S", 0))  # tests: slow a run down to SIGKILL it mid-way
-
-
-def default_dtype() -> str:
-    """bf16 where the CPU multiplies bf16 natively (x86 with AVX512-BF16 or AMX), else fp32.
-
-    Measured on a 2-core AMD EPYC with avx512_bf16 (chapter 7): the default run is 1.16x faster in bf16
-    (5186 vs 4467 tokens/s; 1.56x under heavier load); without native bf16 the CPU emulates it."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=default_dtype(),
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: this rank's GPU (LOCAL_RANK) with NCCL when CUDA is visible, else the CPU with gloo")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="compute dtype (default: bf16 on CUDA or a CPU with native bf16 matmuls, else fp32)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
@@ -86,22 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_distributed() -> None:
-    """torchrun's environment, or a one-process group so the same code runs without torchrun.
-
-    Always gloo: this version of the loop keeps its tensors on CPU ranks. The modules it composes take
-    their device from the tensors (sharding runs on NCCL unchanged), but moving each materialized layer
-    and batch to a GPU is not done here yet: no GPU was available to test it."""
-    if dist.is_initialized():
-        return
-    backend = "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        store = tempfile.NamedTemporaryFile(prefix="home70b-store-", delete=False).name
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-
-
 def lr_at(step: int, args) -> float:
     """Linear warmup to ``--lr``, then cosine decay to 10% of it (a function of the step: no state)."""
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
@@ -111,23 +90,20 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def all_mean(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def memory_budget(args) -> int:
+def memory_budget(args, device: torch.device) -> int:
+    """Bytes one rank may use: ``--memory-gib``, else its GPU's memory, else its share of the CPU's."""
     if args.memory_gib is not None:
         return int(args.memory_gib * GiB)
+    if device.type == "cuda":
+        return device_total_bytes(device)
     available = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines()
                      if l.startswith("MemAvailable")) if sys.platform == "linux" else 16 * GiB
     return available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def check_plan(args, model_config, world: int, log) -> None:
+def check_plan(args, model_config, world: int, device: torch.device, log) -> None:
     """Warn, with the plan's table, when the planned peak per rank exceeds the memory available."""
-    setup = Setup(world_size=world, gpu_bytes=memory_budget(args), batch_size=args.batch_size, seq_len=args.seq_len,
+    setup = Setup(world_size=world, gpu_bytes=memory_budget(args, device), batch_size=args.batch_size, seq_len=args.seq_len,
                   rank=args.rank, target_modules=tuple(t for t in args.target_modules.split(",") if t in LINEARS)
                   or LINEARS, dora=args.dora, activation_checkpointing=args.activation_checkpointing,
                   offload=args.offload, quantize=args.quant != "none", compute_bytes=2 if args.dtype == "bf16" else 4)
@@ -152,15 +128,19 @@ def evaluate(built, heldout, args, rank: int, world: int) -> float:
     """Mean held-out loss over ``--eval-batches`` fixed global batches, in eval mode (no dropout, so no
     random numbers are drawn: evaluating does not change the training run)."""
     built.model.eval()
-    losses = [built.forward(ids, labels=ids)[1].item() for ids in
-              data.eval_batches(heldout, args.batch_size, args.eval_batches, rank, world)]
+    losses = []
+    for ids in data.eval_batches(heldout, args.batch_size, args.eval_batches, rank, world):
+        ids = ids.to(built.device)
+        losses.append(built.forward(ids, labels=ids)[1].item())
     built.model.train()
     return all_mean(sum(losses) / len(losses))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    init_distributed()
+    device = resolve_device(args.device)
+    init_distributed(device)
+    args.dtype = args.dtype or default_dtype(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     out = Path(args.out)
@@ -178,7 +158,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"world size {world} is larger than this run can use: {world} ranks x --batch-size "
                          f"{args.batch_size} needs that many windows of {args.seq_len} tokens, the corpus has "
                          f"{len(train_windows)} (train) and {len(heldout)} (held-out)")
-    check_plan(args, config, world, log)
+    check_plan(args, config, world, device, log)
 
     memory = TensorMemory(record_peak=True) if args.track_memory else None
     if memory:
@@ -186,7 +166,7 @@ def main(argv=None) -> dict:
     opts = BuildOptions(model=args.model, quant=args.quant, lora=args.lora, shard=args.shard, rank=args.rank,
                         alpha=args.alpha, dropout=args.dropout, dora=args.dora,
                         target_modules=tuple(args.target_modules.split(",")), compute_dtype=dtype,
-                        offload=args.offload, seed=args.seed)
+                        offload=args.offload, seed=args.seed, device=device)
     built = build(opts)
     if args.activation_checkpointing:
         enable_activation_checkpointing(built.model.model.layers)
@@ -218,12 +198,13 @@ def main(argv=None) -> dict:
                 kept.append(line)
         metrics_path.write_text("".join(line + "\n" for line in kept))
     log(f"rank 0 of {world}: {args.quant} base, {args.lora} LoRA (r={args.rank}, {len(built.lora_names)} layers), "
-        f"{args.shard} sharding, {args.dtype}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
+        f"{args.shard} sharding, {args.dtype} on {device}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
 
     eval_before = evaluate(built, heldout, args, rank, world)
     log(f"held-out loss before: {eval_before:.4f}")
     tokens_per_step = world * args.batch_size * args.seq_len * args.grad_accum
     reset_peak_rss()
+    reset_device_peak(device)
     if memory:
         memory.reset_peak()
     progress = None
@@ -236,7 +217,7 @@ def main(argv=None) -> dict:
             group["lr"] = lr_at(step, args)
         loss_sum = 0.0
         for _ in range(args.grad_accum):
-            ids = sampler.next_batch()
+            ids = sampler.next_batch().to(device, non_blocking=True)
             loss = built.forward(ids, labels=ids)[1]
             (loss / args.grad_accum).backward()
             loss_sum += loss.item()
@@ -253,13 +234,15 @@ def main(argv=None) -> dict:
         elapsed = time.perf_counter() - t0 - eval_seconds
         record["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20
+        if device.type == "cuda":
+            record["peak_device_mib"] = device_peak_mib(device)
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                 rss=f"{record['peak_rss_mib']:.0f}M")
+                                 mem=f"{record.get('peak_device_mib', record['peak_rss_mib']):.0f}M")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint.save(out / "checkpoints", step + 1, built.parameters, optimizer,
                             {**fingerprint, "sampler": sampler.state_dict()})
@@ -296,6 +279,8 @@ def finish(built, args, out, rank, world, eval_before, eval_after, start, t0, to
     peaks = [None] * world
     dist.all_gather_object(peaks, {"peak_rss_mib": peak_rss_bytes() / 2**20,
                                    "load_peak_rss_mib": built.load_peak_rss / 2**20,
+                                   "peak_device_mib": device_peak_mib(built.device),
+                                   "load_peak_device_mib": built.load_peak_device_mib,
                                    "peak_tensor_mib": memory.peak / 2**20 if memory else None,
                                    "at_peak_mib": [(round(b / 2**20, 1), op) for b, op in memory.at_peak[:8]] if memory else None})
     summary = {"eval_loss_before": eval_before, "eval_loss_after": eval_after, "steps": args.steps - start,
@@ -304,7 +289,9 @@ def finish(built, args, out, rank, world, eval_before, eval_after, start, t0, to
         f"{summary['steps']} steps ({elapsed:.1f} s of training, evaluation excluded)")
     for r, p in enumerate(peaks):
         log(f"rank {r}: peak RSS {p['peak_rss_mib']:.0f} MiB training, {p['load_peak_rss_mib']:.0f} MiB loading"
-            + (f", peak tensors {p['peak_tensor_mib']:.1f} MiB" if p["peak_tensor_mib"] is not None else ""))
+            + (f", peak tensors {p['peak_tensor_mib']:.1f} MiB" if p["peak_tensor_mib"] is not None else "")
+            + (f"; peak {built.device.type} memory allocated {p['peak_device_mib']:.0f} MiB training, "
+               f"{p['load_peak_device_mib']:.0f} MiB loading" if p["peak_device_mib"] is not None else ""))
     log(f"adapter written to {out / 'adapter'} (PEFT format)")
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
