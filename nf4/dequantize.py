@@ -55,9 +55,10 @@ def dequantize_torch(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         idx, lv = byte_index[: k * bs // 2], levels[: k * bs // 2]
         idx.copy_(qw.packed[start * bs // 2 : (start + k) * bs // 2])
         torch.index_select(pair_bits, 0, idx, out=lv)
-        # fp32 product, rounded once into the output dtype (torch computes in fp32, casts on the store)
-        torch.mul(lv.view(torch.float32).view(k, bs), absmax[start : start + k, None],
-                  out=out[start * bs : (start + k) * bs].view(k, bs))
+        # the fp32 product in place, then rounded once into the output dtype by a plain converting copy
+        # (a mixed-dtype torch.mul(out=bf16) computes into a hidden fp32 temporary and copies it anyway)
+        product = lv.view(torch.float32).view(k, bs).mul_(absmax[start : start + k, None])
+        out[start * bs : (start + k) * bs].view(k, bs).copy_(product)
     if n_full_blocks * bs < n:  # the last, partial block
         tail = table[qw.packed[n_full_blocks * bs // 2 :].to(torch.int64)].view(-1)
         out[n_full_blocks * bs :] = tail[: n - n_full_blocks * bs] * absmax[-1]
