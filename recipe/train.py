@@ -153,6 +153,10 @@ def main(argv=None) -> dict:
     config = llama.LlamaConfig.from_hf(args.model)
     tokenizer = llama.ByteTokenizer() if args.tokenizer == "byte" else llama.load_tokenizer(args.model)
     train_ids, heldout_ids = data.tokenize_splits(data.load_documents(args.data), tokenizer)
+    largest = int(max(train_ids.max(), heldout_ids.max()))
+    if largest >= config.vocab_size:
+        raise ValueError(f"the tokenizer of --model {args.model} produces token id {largest}, but the model's "
+                         f"vocab_size is {config.vocab_size}: tokenizer.json and config.json do not belong together")
     train_windows, heldout = data.windows(train_ids, args.seq_len), data.windows(heldout_ids, args.seq_len)
     if world * args.batch_size > len(train_windows) or world * args.batch_size > len(heldout):
         raise ValueError(f"world size {world} is larger than this run can use: {world} ranks x --batch-size "

@@ -6,7 +6,7 @@ import torch
 
 from distributed import run_on_ranks
 from reference_libs import reference
-from test_recipe_train import FAST, tiny_model  # noqa: F401  (the session fixture)
+from test_recipe_train import FAST, _train_one, tiny_model  # noqa: F401  (the session fixture)
 
 import lora
 from recipe.build import BuildOptions, build, reset_lora_init
@@ -44,12 +44,6 @@ def test_bad_options_and_targets_that_match_nothing(tiny_model):
         BuildOptions(quant="bnb", shard="fsdp2")
     with pytest.raises(ValueError, match="qkv_proj"):
         build(BuildOptions(model=tiny_model, quant="none", shard="none", target_modules=("q_proj", "qkv_proj")))
-
-
-def _train_one(rank, world, model, out, flags):
-    from recipe.train import main
-
-    return main(["--model", str(model), "--out", str(out), *flags])
 
 
 def test_world_size_larger_than_the_data_can_feed_is_a_clear_error(tiny_model, tmp_path):
@@ -111,7 +105,6 @@ def test_a_prequantized_bitsandbytes_checkpoint_loads_without_dequantizing(tiny_
     from safetensors.torch import load_file, save_file
 
     bnb = reference("bitsandbytes")
-    import nf4
 
     state, stored = load_file(tiny_model / "model.safetensors"), {}
     for name in [n for n in state if n.endswith("_proj.weight")]:

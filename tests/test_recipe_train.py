@@ -154,3 +154,54 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         dist.destroy_process_group()
     assert meta["step"] == 1 and meta["sampler"]["position"] == 5
     assert torch.all(p < 1.0) and "exp_avg" in opt.state[p]  # one AdamW step from ones, not the 7s
+
+
+def bpe_checkpoint(directory: Path, vocab_size: int, model_vocab: int) -> Path:
+    """A Hugging Face layout made offline: a byte-level BPE ``tokenizer.json`` trained on the pydoc corpus
+    (BOS added by its post-processor, as Llama's) beside a random tiny Llama of ``model_vocab`` tokens."""
+    tokenizers = reference("tokenizers")
+    import llama
+    from recipe import data
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(data.load_documents(None).values())[:1], trainer)
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = llama.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, vocab_size=model_vocab, bos_token_id=0, eos_token_id=1)
+    llama.save_checkpoint(llama.Llama(config), directory)
+    return directory
+
+
+def test_a_checkpoint_with_its_own_tokenizer_json_trains_and_a_mismatched_vocab_is_refused(tmp_path):
+    """The tokenizer.json of a Hugging Face checkpoint is what --tokenizer auto uses: same ids as
+    transformers' fast tokenizer reading that file, and the main job runs on it."""
+    transformers = reference("transformers")
+    import llama
+    from recipe import data
+
+    model = bpe_checkpoint(tmp_path / "bpe-llama", vocab_size=400, model_vocab=400)
+    tokenizer = llama.load_tokenizer(model)
+    text = "The import statement combines two operations; it searches for the named module."
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(model / "tokenizer.json"))
+    ours = data.encode_ids(tokenizer, text)
+    assert ours == theirs(text)["input_ids"] and ours[0] == 0 and len(ours) < 0.8 * len(text)  # BOS, merges
+    flags = ["--steps", "12", "--eval-every", "12", *FAST, "--lr", "3e-2"]
+    summary = run_on_ranks(_train_one, 1, args=(model, tmp_path / "run", flags))[0]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary
+
+    small = bpe_checkpoint(tmp_path / "mismatched", vocab_size=400, model_vocab=300)
+    with pytest.raises(RuntimeError, match=r"produces token id 3\d\d, but the model's vocab_size is 300"):
+        run_on_ranks(_train_one, 1, args=(small, tmp_path / "bad", ["--steps", "1", *FAST]))
+
+
+def _train_one(rank, world, model, out, flags):
+    from recipe.train import main
+
+    return main(["--model", str(model), "--out", str(out), *flags])
