@@ -2,9 +2,10 @@
 # Everything that needs a CUDA GPU, as one command (about 10 minutes at most; each step has its own timeout):
 #  1. NF4: our Triton dequant kernel vs bitsandbytes' CUDA kernels on a 4096 x 14336 bf16 weight, with the
 #     bandwidth each achieves next to the card's device-to-device copy bandwidth.
-#  2. End to end on the GPU(s): ours (recipe.train) vs transformers + bitsandbytes + PEFT + FSDP2, same
+#  2. The QLoRA linear: ours over nf4 / over bitsandbytes, PEFT over bitsandbytes, full fine-tuning.
+#  3. End to end on the GPU(s): ours (recipe.train) vs transformers + bitsandbytes + PEFT + FSDP2, same
 #     bundled model, data and hyper-parameters (NCCL wants one GPU per rank: 2 ranks, or 1 on a 1-GPU box).
-#  3. The planner against the GPU's own peak (torch.cuda.max_memory_allocated): a Llama-2-70B-width model
+#  4. The planner against the GPU's own peak (torch.cuda.max_memory_allocated): a Llama-2-70B-width model
 #     truncated to 2 layers, trained at the reference run's batch (2 x 2048 tokens, r=64, checkpointing, bf16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 ranks=$(python -c "import torch; print(min(2, torch.cuda.device_count()))")
 timeout 300 python -m benchmarks.nf4 --device cuda --repeats 5
+timeout 120 python -m benchmarks.lora --device cuda
 timeout 300 python -m benchmarks.e2e --device cuda --ranks "$ranks" --steps 60
 timeout 420 python -m recipe.measure --device cuda --nproc "$ranks" --preset llama-2-70b --layers 2 --steps 2 \
     --seq-len 2048 --batch-size 2 --rank 64 --activation-checkpointing --dtype bf16

@@ -1,6 +1,6 @@
 """QLoRA linear layer, side by side: forward+backward time and what autograd saves, in one run.
 
-    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3]
+    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3] [--device cuda]
 
 One 4096x4096 base, 2048 tokens, LoRA rank 16, bf16 compute and bf16 adapters, input requiring grad:
 
@@ -27,6 +27,12 @@ from torch import nn
 import lora
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a timer measures it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bnb_linear4bit(linear: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
 
@@ -34,7 +40,7 @@ def bnb_linear4bit(linear: nn.Linear) -> nn.Module:
                               quant_type="nf4", compress_statistics=True)
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True)
-    return layer.to("cpu")  # bitsandbytes quantizes here
+    return layer.to(linear.weight.device)  # bitsandbytes quantizes here
 
 
 def ours_over_nf4(linear, rank):
@@ -76,16 +82,16 @@ VARIANTS = {
 REFERENCE = "(c) PEFT over bnb Linear4bit"
 
 
-def timed(fn) -> float:
+def timed(fn, device) -> float:
+    sync(device)
     start = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - start
 
 
 def forward_backward(module, x, grad_out) -> float:
-    start = time.perf_counter()
-    module(x).backward(grad_out)
-    elapsed = time.perf_counter() - start
+    elapsed = timed(lambda: module(x).backward(grad_out), x.device)
     x.grad = None
     module.zero_grad(set_to_none=True)
     return elapsed
@@ -97,12 +103,16 @@ def main():
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+    device = torch.device(args.device)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    linear = nn.Linear(args.features, args.features, bias=False).to(torch.bfloat16)
-    x = torch.randn(args.tokens, args.features, dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn(args.tokens, args.features, dtype=torch.bfloat16)
+    linear = nn.Linear(args.features, args.features, bias=False).to(device, torch.bfloat16)
+    x = torch.randn(args.tokens, args.features, dtype=torch.bfloat16, device=device, requires_grad=True)
+    grad_out = torch.randn(args.tokens, args.features, dtype=torch.bfloat16, device=device)
 
     modules, notes = {}, {}
     for name, build in VARIANTS.items():
@@ -129,8 +139,9 @@ def main():
 
     ref_time = min(times[REFERENCE]) if REFERENCE in times else float("nan")
     ref_bytes = lora.activation_bytes(saved[REFERENCE]) if REFERENCE in saved else float("nan")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"QLoRA linear {args.features}x{args.features}, {args.tokens} tokens, r={args.rank}, bf16 compute, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+          f"torch {torch.__version__}, {where}, {args.repeats} repeats")
     print()
     print("| variant | fwd+bwd ms, min (median) | time vs (c) | saved activations MiB | saved vs (c) | saved tensors (activation / param ref) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -148,9 +159,9 @@ def main():
           "fastest of the repeats:")
     for name, module in modules.items():
         if isinstance(module, lora.LoRALinear):
-            fastest = min(timed(lambda: lora.dequantized_weight(module.base_layer, torch.bfloat16))
+            fastest = min(timed(lambda: lora.dequantized_weight(module.base_layer, torch.bfloat16), device)
                           for _ in range(args.repeats))
-            print(f"    {name}: {1e3 * fastest:.0f} ms")
+            print(f"    {name}: {1e3 * fastest:.2f} ms")
     print()
     for name, records in saved.items():
         print(f"{name}: saved for backward")
