@@ -7,6 +7,8 @@
 #     bundled model, data and hyper-parameters (NCCL wants one GPU per rank: 2 ranks, or 1 on a 1-GPU box).
 #  4. The planner against the GPU's own peak (torch.cuda.max_memory_allocated): a Llama-2-70B-width model
 #     truncated to 2 layers, trained at the reference run's batch (2 x 2048 tokens, r=64, checkpointing, bf16).
+# Run from the repository root with no install (the packages import from there). It needs torch with CUDA,
+# triton, transformers, peft and bitsandbytes (a CUDA build) importable by `python`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
