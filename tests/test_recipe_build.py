@@ -6,7 +6,7 @@ import torch
 
 from distributed import run_on_ranks
 from reference_libs import reference
-from test_recipe_train import FAST, _train_one, tiny_model  # noqa: F401  (the session fixture)
+from test_recipe_train import FAST, _train_one
 
 import lora
 from recipe.build import BuildOptions, build, reset_lora_init

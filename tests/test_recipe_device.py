@@ -5,8 +5,6 @@ choice itself; the CUDA runs are ``benchmarks/gpu.sh``'s."""
 import pytest
 import torch
 
-from test_recipe_train import tiny_model  # noqa: F401  (the session fixture)
-
 from recipe.build import BuildOptions, build
 from recipe.device import default_dtype, device_peak_mib, resolve_device
 

@@ -1,8 +1,8 @@
 """The composed loop (recipe/train.py, build.py, checkpoint.py, adapter.py) on 2 real gloo ranks.
 
-A tiny random Llama (2 layers, hidden 64) is written once per session; every run fine-tunes it on
-short windows of the pydoc corpus. Swapping ONE component for the library version must give the same
-loss curve as ours: bitsandbytes' Linear4bit (identical NF4 bytes) and FSDP2 within 1e-4 relative,
+A tiny random Llama (2 layers, hidden 64: ``tiny_model`` in conftest.py) is written once per session;
+every run fine-tunes it on short windows of the pydoc corpus. Swapping ONE component for the library
+version must give the same loss curve as ours: bitsandbytes' Linear4bit (identical NF4 bytes) and FSDP2 within 1e-4 relative,
 PEFT's LoRA (same math, different operation order) within 1e-3 relative, over 20 steps. Activation
 checkpointing (recomputes the same forward) within 1e-6, and offload (a no-op move on CPU) exactly.
 """
@@ -22,18 +22,6 @@ from reference_libs import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--dtype", "fp32", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--eval-batches", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    import llama
-
-    torch.manual_seed(0)
-    config = llama.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=258, bos_token_id=256, eos_token_id=257)
-    directory = tmp_path_factory.mktemp("tiny-random-llama")
-    llama.save_checkpoint(llama.Llama(config), directory)
-    return directory
 
 
 def losses(out: Path) -> list[float]:
