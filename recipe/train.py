@@ -22,6 +22,7 @@ multiplies bf16 natively (AVX512-BF16/AMX: measured 1.16x faster than fp32 here)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -303,4 +304,13 @@ def finish(built, args, out, rank, world, eval_before, eval_after, start, t0, to
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # The sharded model's hooks hold it in reference cycles, and with it the process group and the
+        # handles of finished async all-gathers. Collect them now, while torch.distributed is whole: left
+        # to interpreter shutdown, a rank aborted ("terminate called without an active exception") in
+        # about 1 run in 4 on a loaded CPU. Then close the group, as torch.distributed asks.
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
