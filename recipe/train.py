@@ -16,7 +16,7 @@ global-norm clipping, AdamW on the local fp32 master shards, linear warmup then 
 (``recipe/checkpoint.py``); one JSON line per step in ``<out>/metrics.jsonl``.
 
 Device (``--device``, ``recipe/device.py``): each rank on its own GPU (``cuda:LOCAL_RANK``, NCCL) when
-CUDA is visible, else on the CPU (gloo). Compute dtype (``--dtype``): bf16 on a GPU and where the CPU
+the node has one per process, else on the CPU (gloo). Compute dtype (``--dtype``): bf16 on a GPU and where the CPU
 multiplies bf16 natively (AVX512-BF16/AMX: measured 1.16x faster than fp32 here), fp32 otherwise.
 """
 from __future__ import annotations
@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto: this rank's GPU (LOCAL_RANK) with NCCL when CUDA is visible, else the CPU with gloo")
+                   help="auto: this rank's GPU (LOCAL_RANK) with NCCL when the node has one GPU per process, "
+                        "else the CPU with gloo")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="compute dtype (default: bf16 on CUDA or a CPU with native bf16 matmuls, else fp32)")
     p.add_argument("--eval-every", type=int, default=100)
