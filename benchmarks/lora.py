@@ -18,7 +18,6 @@ parameter costs nothing and is left out). Targets (issue 3): (a) time <= 1.0x (c
 import argparse
 import copy
 import statistics
-import time
 import warnings
 
 import torch
@@ -26,11 +25,7 @@ from torch import nn
 
 import lora
 
-
-def sync(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so a timer measures it (nothing to wait for on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from . import timed
 
 
 def bnb_linear4bit(linear: nn.Linear) -> nn.Module:
@@ -80,14 +75,6 @@ VARIANTS = {
     "(d) nn.Linear, full fine-tune": full_finetuning,
 }
 REFERENCE = "(c) PEFT over bnb Linear4bit"
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def forward_backward(module, x, grad_out) -> float:

@@ -17,6 +17,8 @@ import torch
 
 import nf4
 
+from . import timed
+
 try:
     import bitsandbytes as bnb
 except ImportError:
@@ -27,16 +29,7 @@ TARGET_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
 
 def median_time(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def bnb_quantize(w, double_quant=True, quant_type="nf4"):

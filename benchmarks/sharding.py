@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 import sharding
 
+from . import timed
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim):
@@ -154,16 +156,9 @@ def run(config, args, device, rank, world):
         for step, tokens in enumerate(batches):
             if config != "none":
                 dist.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            wrapped(tokens).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            seconds = timed(lambda: (wrapped(tokens).backward(), optimizer.step(), optimizer.zero_grad()), device)
             if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
     held = list(parameters)
     if config.startswith("ours"):  # frozen groups (here: none) are held too
         held += [g.local for u in wrapped.units for g in u.groups if not g.trainable]
