@@ -143,7 +143,7 @@ def main() -> None:
         return library_worker(args)
     if args.ranks < 1:
         raise ValueError(f"--ranks must be at least 1, got {args.ranks}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, per_node=args.ranks)  # the device each of the ranks will take
     if device.type == "cuda" and args.ranks > torch.cuda.device_count():
         raise ValueError(f"--ranks {args.ranks} on CUDA needs a GPU per rank; {torch.cuda.device_count()} visible")
     args.dtype = args.dtype or default_dtype(device)

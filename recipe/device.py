@@ -27,13 +27,14 @@ import torch.distributed as dist
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, per_node: int | None = None) -> torch.device:
     """``--device``: cuda (this rank's GPU, ``LOCAL_RANK``), cpu, or auto: CUDA when every process on this
-    node can have a GPU of its own (``LOCAL_WORLD_SIZE`` <= GPUs visible), else the CPU."""
+    node can have a GPU of its own (``per_node``, by default torchrun's ``LOCAL_WORLD_SIZE``, <= GPUs
+    visible), else the CPU."""
     if name not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {name!r}")
     if name == "auto":
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        per_node = per_node or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         name = "cuda" if torch.cuda.is_available() and per_node <= torch.cuda.device_count() else "cpu"
     if name == "cpu":
         return torch.device("cpu")

@@ -57,3 +57,10 @@ def test_build_places_every_tensor_on_the_requested_device(tiny_model):
     placed = {t.device for t in [*built.model.parameters(), *built.model.buffers()]}
     assert placed == {torch.device("cpu")}
     assert device_peak_mib(torch.device("cpu")) is None
+
+
+def test_auto_counts_the_processes_a_launcher_is_about_to_start(monkeypatch):
+    fake_gpus(monkeypatch, 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_device("auto", per_node=1) == torch.device("cuda", 0)
+    assert resolve_device("auto", per_node=2) == torch.device("cpu")  # benchmarks.e2e --ranks 2 on one GPU
