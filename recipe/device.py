@@ -100,6 +100,14 @@ def device_peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def device_total_bytes(device: torch.device) -> int | None:
-    """The GPU's memory in bytes, or None on the CPU."""
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+def memory_budget(device: torch.device, memory_gib: float | None = None) -> int:
+    """Bytes one rank may use: ``memory_gib`` (``--memory-gib``) if given, else its GPU's memory, else its
+    share of the CPU's available memory (``LOCAL_WORLD_SIZE`` ranks on this node)."""
+    if memory_gib is not None:
+        return int(memory_gib * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    meminfo = Path("/proc/meminfo")
+    available = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                     if line.startswith("MemAvailable")) if meminfo.exists() else 16 * 2**30
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))

@@ -26,7 +26,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 from . import checkpoint, data
 from .build import DEFAULT_MODEL, LINEARS, BuildOptions, build
-from .device import (DEVICES, all_mean, default_dtype, device_peak_mib, device_total_bytes, init_distributed,
+from .device import (DEVICES, all_mean, default_dtype, device_peak_mib, init_distributed, memory_budget,
                      reset_device_peak, resolve_device)
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import GiB, Setup, plan
@@ -92,20 +91,9 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def memory_budget(args, device: torch.device) -> int:
-    """Bytes one rank may use: ``--memory-gib``, else its GPU's memory, else its share of the CPU's."""
-    if args.memory_gib is not None:
-        return int(args.memory_gib * GiB)
-    if device.type == "cuda":
-        return device_total_bytes(device)
-    available = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines()
-                     if l.startswith("MemAvailable")) if sys.platform == "linux" else 16 * GiB
-    return available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
 def check_plan(args, model_config, world: int, device: torch.device, log) -> None:
     """Warn, with the plan's table, when the planned peak per rank exceeds the memory available."""
-    setup = Setup(world_size=world, gpu_bytes=memory_budget(args, device), batch_size=args.batch_size, seq_len=args.seq_len,
+    setup = Setup(world_size=world, gpu_bytes=memory_budget(device, args.memory_gib), batch_size=args.batch_size, seq_len=args.seq_len,
                   rank=args.rank, target_modules=tuple(t for t in args.target_modules.split(",") if t in LINEARS)
                   or LINEARS, dora=args.dora, activation_checkpointing=args.activation_checkpointing,
                   offload=args.offload, quantize=args.quant != "none", compute_bytes=2 if args.dtype == "bf16" else 4)
