@@ -1,6 +1,6 @@
 """Held-out loss of the bundled pretrained model with every decoder-layer linear quantized to 4 bits.
 
-    python -m benchmarks.quant_quality [--model assets/tiny-llama] [--windows 256]
+    python -m benchmarks.quant_quality [--model llama/assets/tiny-llama] [--windows 256]
 
 QLoRA (Dettmers et al. 2023, section 3 and Table 2) finds NF4 better than FP4 and plain integer
 4-bit at equal bits. Here the same question on a real, if tiny, pretrained Llama: each format
@@ -25,10 +25,9 @@ from typing import Callable
 import torch
 
 import llama
-from llama.corpus import heldout_windows, stdlib_tokens
-from llama.pretrain import evaluate
+from llama.corpus import stdlib_tokens, windows as heldout_windows
+from llama.pretrain import BUNDLED_MODEL, evaluate
 
-ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 64
 
 
@@ -82,7 +81,7 @@ def heldout_losses(model_dir: Path, windows: torch.Tensor, formats=FORMATS) -> d
 
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "assets" / "tiny-llama")
+    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     parser.add_argument("--windows", type=int, default=256, help="held-out windows of max_position_embeddings bytes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and far faster on a busy shared CPU

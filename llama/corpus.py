@@ -7,8 +7,9 @@ EXCLUDING:
   - ``site-packages/`` and ``dist-packages/``: installed third-party code, differs per machine;
   - test suites (``test/``, ``tests/``, ``idle_test/``, ``*_test``): large, repetitive, data-heavy.
 Each file goes to the held-out split when the CRC32 of its relative path falls in the last
-``holdout_percent`` of 100 buckets -- a property of the name alone, so the split is the same on any
-machine that has the file (a Python 3.11 on another machine may hold slightly different files).
+``holdout_percent`` of 100 buckets (`in_heldout`) -- a property of the name alone, so the split is the
+same on any machine that has the file (a Python 3.11 on another machine may hold slightly different
+files). `in_heldout` and `windows` are also the fine-tuning corpus's rules (``recipe/data.py``).
 """
 from __future__ import annotations
 
@@ -31,20 +32,25 @@ def is_excluded(relative: Path) -> bool:
     return any(part in EXCLUDED_DIRS or part.endswith("_test") for part in relative.parts[:-1])
 
 
+def in_heldout(name: str, percent: int) -> bool:
+    """Whether the document ``name`` belongs to the held-out split: the CRC32 of its name falls in the last
+    ``percent`` of 100 buckets (a property of the name alone, the same on every machine)."""
+    if not 0 < percent < 100:
+        raise ValueError(f"held-out percent must be in 1..99, got {percent}")
+    return zlib.crc32(name.encode()) % 100 >= 100 - percent
+
+
 def stdlib_files(split: str, holdout_percent: int = 5, root: Path | None = None) -> list[Path]:
     """Sorted source files of ``split`` ("train" or "heldout")."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    if not 0 < holdout_percent < 100:
-        raise ValueError(f"holdout_percent must be in 1..99, got {holdout_percent}")
     root = root or stdlib_root()
     files = []
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root)
         if is_excluded(relative):
             continue
-        heldout = zlib.crc32(relative.as_posix().encode()) % 100 >= 100 - holdout_percent
-        if heldout == (split == "heldout"):
+        if in_heldout(relative.as_posix(), holdout_percent) == (split == "heldout"):
             files.append(path)
     return files
 
@@ -69,10 +75,13 @@ def batches(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.
     return torch.stack([data[s:s + seq_len] for s in starts.tolist()]).long()
 
 
-def heldout_windows(data: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows over the held-out tokens, deterministic (evenly spaced if capped)."""
-    n = data.numel() // seq_len
-    windows = data[: n * seq_len].view(n, seq_len)
+def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``(n, seq_len)`` of a 1-D token stream as int64 ids (the tail that does not
+    fill one is dropped); with ``max_windows``, that many evenly spaced ones (deterministic)."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"a split of {ids.numel()} tokens is shorter than seq_len={seq_len}")
+    cut = ids[: n * seq_len].view(n, seq_len)
     if max_windows is not None and n > max_windows:
-        windows = windows[torch.linspace(0, n - 1, max_windows).long()]
-    return windows.long()
+        cut = cut[torch.linspace(0, n - 1, max_windows).long()]
+    return cut.long()

@@ -1,6 +1,6 @@
 """Pretrain the small bundled base model on the Python standard library's source (byte tokens).
 
-    python -m llama.pretrain --out assets/tiny-llama --seed 0
+    python -m llama.pretrain --out llama/assets/tiny-llama --seed 0
 
 Plain next-token training (AdamW, linear warmup then cosine decay, gradient clipping at 1.0), fp32
 on CPU with a fixed number of threads (the order of reductions, hence the bytes, depends on it). The
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,9 +20,12 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LlamaConfig
-from .corpus import batches, heldout_windows, stdlib_tokens
+from .corpus import batches, stdlib_tokens, windows
 from .model import Llama
 from .tokenizer import ByteTokenizer
+from .training import mean_loss, warmup_cosine
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-llama"  # what this script wrote, shipped
 
 
 def tiny_config(hidden: int = 256, layers: int = 6, heads: int = 8, kv_heads: int = 2,
@@ -41,18 +43,9 @@ def init_weights(model: Llama, std: float = 0.02) -> None:
         torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.normal_(p, 0.0, std)
 
 
-@torch.no_grad()
 def evaluate(model: Llama, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy (nats per token) over ``windows`` (n, seq_len)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for chunk in windows.split(batch_size):
-        _, loss = model(chunk, labels=chunk)
-        n = chunk.numel() - chunk.shape[0]
-        total, count = total + loss.item() * n, count + n
-    model.train(was_training)
-    return total / count
+    """Mean next-token cross-entropy (nats per token) over ``windows`` (n, seq_len), ``batch_size`` at a time."""
+    return mean_loss(model, windows.split(batch_size))
 
 
 def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
@@ -60,13 +53,6 @@ def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
     counts = torch.bincount(train.long(), minlength=ByteTokenizer.vocab_size).double() + 1
     log_p = (counts / counts.sum()).log()
     return float(-log_p[heldout.long()].mean())
-
-
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def main(argv=None) -> dict:
@@ -95,7 +81,7 @@ def main(argv=None) -> dict:
     model = Llama(config)
     init_weights(model)
     train, heldout = stdlib_tokens("train"), stdlib_tokens("heldout")
-    windows = heldout_windows(heldout, args.seq_len, args.eval_windows)
+    eval_windows = windows(heldout, args.seq_len, args.eval_windows)
     baseline = unigram_loss(train, heldout)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; train {train.numel():,} tokens, "
           f"held-out {heldout.numel():,} tokens; unigram baseline {baseline:.4f} nats/token")
@@ -106,7 +92,7 @@ def main(argv=None) -> dict:
     bar = tqdm(range(args.steps), desc="pretrain")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = warmup_cosine(step, args.steps, args.lr, args.warmup)
         x = batches(train, args.batch_size, args.seq_len, generator)
         _, loss = model(x, labels=x)
         loss.backward()
@@ -114,11 +100,11 @@ def main(argv=None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            curve.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": evaluate(model, windows)})
+            curve.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": evaluate(model, eval_windows)})
             bar.set_postfix(train=f"{loss.item():.3f}", heldout=f"{curve[-1]['heldout_loss']:.3f}")
 
     save_checkpoint(model, args.out, dtype=torch.bfloat16)
-    final = evaluate(load_checkpoint(None, args.out).float(), windows)  # bundled bf16 weights, fp32 math
+    final = evaluate(load_checkpoint(None, args.out).float(), eval_windows)  # bundled bf16 weights, fp32 math
     log = {"command": f"python -m llama.pretrain --out {args.out} --seed {args.seed}", "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "wall_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,

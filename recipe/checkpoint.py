@@ -2,68 +2,53 @@
 
 A checkpoint is a directory ``<out>/checkpoints/step-000040/`` holding, for every rank r:
 
-* ``rank{r}.safetensors``: that rank's trainable tensors exactly as the optimizer steps them (the local
-  fp32 master shards under sharding: the adapter, sharded), AdamW's ``exp_avg`` / ``exp_avg_sq`` / ``step``
-  for each, and the torch RNG states (dropout masks: the CPU generator, and this rank's GPU's when on CUDA);
+* ``rank{r}.safetensors``: that rank's local training state as the model gives it
+  (``TrainableModel.local_state``: its trainable tensors exactly as the optimizer steps them -- the
+  local fp32 master shards under sharding -- and AdamW's moments), plus the torch RNG states (dropout
+  masks: the CPU generator, and this rank's GPU's when on CUDA);
 * ``rank{r}.json``: the step, the sampler position, the world size and a fingerprint of the run.
 
 Writing is atomic at the directory level: every rank writes into ``step-000040.tmp/``, all ranks meet
-at a barrier, then rank 0 renames the directory (``os.replace``) and rewrites the one-line ``latest``
-file (temp file + ``os.replace``). A process killed at any point leaves ``latest`` naming a complete
-checkpoint: the previous one, or the new one.
+at a barrier, then rank 0 renames the directory (``recipe.files.replace_directory``) and rewrites the
+one-line ``latest`` file (temp file + ``os.replace``). A process killed at any point leaves ``latest``
+naming a complete checkpoint: the previous one, or the new one.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .files import replace_directory, temporary_sibling, write_text_atomically
+
 LATEST = "latest"
+RNG_KEYS = ("rng", "cuda_rng")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's (FSDP2) local shard, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save(directory: Path, step: int, params: list, optimizer: torch.optim.Optimizer, meta: dict,
-         keep: int = 2) -> Path:
-    """Write the checkpoint of ``step`` (collective: every rank calls it)."""
+def save(directory: Path, step: int, state: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
+    """Write this rank's ``state`` and ``meta`` as the checkpoint of ``step`` (collective: every rank
+    calls it); keep the newest ``keep`` checkpoints."""
     rank, world = dist.get_rank(), dist.get_world_size()
     directory = Path(directory)
-    final, tmp = directory / f"step-{step:06d}", directory / f"step-{step:06d}.tmp"
+    final = directory / f"step-{step:06d}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        temporary_sibling(final)
     dist.barrier()
-    tensors = {"rng": torch.get_rng_state()}
+    tensors = {**state, "rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's, as recipe.device sets it
-    for i, p in enumerate(params):
-        tensors[f"param.{i}"] = _local(p.detach())
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            if key in state:
-                tensors[f"{key}.{i}"] = _local(state[key]).reshape(-1) if key == "step" else _local(state[key])
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(tmp / f"rank{rank}.safetensors"))
+    tmp = final.with_name(final.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / f"rank{rank}.safetensors"))
     (tmp / f"rank{rank}.json").write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=1))
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_text_atomically(directory / LATEST, final.name + "\n")
+        replace_directory(tmp, final)
+        write_text_atomically(directory / LATEST, final.name + "\n")
         for old in sorted(directory.glob("step-*[0-9]"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -78,8 +63,14 @@ def latest(directory: Path) -> Path | None:
     return Path(directory) / pointer.read_text().strip()
 
 
-def load(checkpoint: Path, params: list, optimizer: torch.optim.Optimizer, fingerprint: dict) -> dict:
-    """Restore this rank's tensors, optimizer state and RNG from ``checkpoint``; return its JSON meta."""
+class Checkpoint(NamedTuple):
+    state: dict[str, torch.Tensor]  # this rank's local training state, for ``TrainableModel.load_local_state``
+    meta: dict                      # the JSON: step, sampler, world size, fingerprint
+
+
+def load(checkpoint: Path, fingerprint: dict) -> Checkpoint:
+    """Read this rank's part of ``checkpoint`` and restore the RNG states; refuse a checkpoint written by
+    another number of ranks or with other settings (``fingerprint``), naming what differs."""
     rank, world = dist.get_rank(), dist.get_world_size()
     meta_path = Path(checkpoint) / f"rank{rank}.json"
     if not meta_path.is_file():
@@ -91,17 +82,7 @@ def load(checkpoint: Path, params: list, optimizer: torch.optim.Optimizer, finge
     if changed:
         raise ValueError(f"--resume: the run's settings differ from the checkpoint's: {changed}")
     tensors = load_file(str(Path(checkpoint) / f"rank{rank}.safetensors"))
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            _local(p).copy_(tensors[f"param.{i}"])
-            if f"exp_avg.{i}" in tensors:
-                device = _local(p).device
-                like = (lambda t: type(p).from_local(t.to(device), p.device_mesh, p.placements)) \
-                    if hasattr(p, "to_local") else (lambda t: t.to(device))
-                optimizer.state[p] = {"step": tensors[f"step.{i}"].reshape(()).clone(),
-                                      "exp_avg": like(tensors[f"exp_avg.{i}"]),
-                                      "exp_avg_sq": like(tensors[f"exp_avg_sq.{i}"])}
     torch.set_rng_state(tensors["rng"])
     if "cuda_rng" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda_rng"])
-    return meta
+    return Checkpoint({k: v for k, v in tensors.items() if k not in RNG_KEYS}, meta)

@@ -7,19 +7,56 @@ importing the module and taking its ``topics`` dict (a plain dict literal; nothi
 ``--data`` may point to a text file or a directory of ``.txt``/``.md``/``.rst`` files instead.
 
 Every document goes to the held-out split when the CRC32 of its name falls in the last
-``heldout_percent`` buckets (a property of the name alone: the same split on every machine); a corpus
-of a single document is cut at ``1 - heldout_percent / 100`` of its tokens instead.
+``heldout_percent`` buckets (``llama.corpus.in_heldout``, the pretraining corpus's rule: a property of
+the name alone, the same split on every machine); a corpus of a single document is cut at
+``1 - heldout_percent / 100`` of its tokens instead. Token streams are cut into windows by
+``llama.corpus.windows``.
+
+What the loop consumes is a `Batch`: ``input_ids`` and ``labels`` (the same tensor for plain text: the
+model shifts them), plus ``position_ids`` and ``attention_mask``, None for plain text, which packed or
+masked instruction data can fill.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sysconfig
-import zlib
 from pathlib import Path
 
 import torch
 
+from llama.corpus import in_heldout, windows
+
+__all__ = ["Batch", "Sampler", "encode_ids", "eval_batches", "load_documents", "pydoc_topics_path",
+           "tokenize_splits", "windows"]
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+@dataclasses.dataclass
+class Batch:
+    """One rank's micro-batch. ``labels`` holds the token each position's next token is checked against
+    (the model shifts it by one); ``position_ids`` / ``attention_mask`` stay None for plain text."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of_text(cls, ids: torch.Tensor) -> Batch:
+        """Plain next-token prediction on windows of text: the labels are the ids themselves."""
+        return cls(input_ids=ids, labels=ids)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(**{f.name: None if getattr(self, f.name) is None else
+                        getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)})
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward, without the fields that are None."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 def pydoc_topics_path() -> Path:
@@ -62,17 +99,8 @@ def tokenize_splits(documents: dict[str, str], tokenizer, heldout_percent: int =
         return ids[:cut], ids[cut:]
     splits = {"train": [], "heldout": []}
     for name, text in documents.items():
-        heldout = zlib.crc32(name.encode()) % 100 >= 100 - heldout_percent
-        splits["heldout" if heldout else "train"] += encode_ids(tokenizer, text)
+        splits["heldout" if in_heldout(name, heldout_percent) else "train"] += encode_ids(tokenizer, text)
     return tuple(torch.tensor(splits[s], dtype=torch.int64) for s in ("train", "heldout"))
-
-
-def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows ``(n, seq_len)`` of a token stream (the tail that does not fill one is dropped)."""
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"a split of {len(ids)} tokens is shorter than seq_len={seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 class Sampler:
@@ -97,8 +125,8 @@ class Sampler:
     def _permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed + epoch))
 
-    def next_batch(self) -> torch.Tensor:
-        """This rank's ``(batch_size, seq_len)`` ids of the next global batch."""
+    def next_batch(self) -> Batch:
+        """This rank's ``(batch_size, seq_len)`` windows of the next global batch."""
         rows = []
         for _ in range(self.batch_size * self.world_size):
             if self.position == len(self._order):
@@ -107,7 +135,7 @@ class Sampler:
             rows.append(self._order[self.position])
             self.position += 1
         mine = torch.stack(rows)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return self.windows[mine]
+        return Batch.of_text(self.windows[mine])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -127,4 +155,4 @@ def eval_batches(windows: torch.Tensor, batch_size: int, n_batches: int, rank: i
         raise ValueError(f"held-out split has {len(windows)} windows, fewer than one global batch ({per_global})")
     for b in range(n_batches):
         start = b * per_global + rank * batch_size
-        yield windows[start:start + batch_size]
+        yield Batch.of_text(windows[start:start + batch_size])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llama
-from llama.corpus import batches, heldout_windows, stdlib_files, stdlib_root, stdlib_tokens
+from llama.corpus import batches, stdlib_files, stdlib_root, stdlib_tokens, windows
 
 
 def test_byte_tokenizer_round_trips_any_text():
@@ -74,7 +74,7 @@ def test_tokens_batches_and_windows():
     x = batches(data, 4, 32, torch.Generator().manual_seed(0))
     assert x.shape == (4, 32) and x.dtype == torch.int64
     assert torch.equal(x, batches(data, 4, 32, torch.Generator().manual_seed(0)))
-    w = heldout_windows(data, 64, max_windows=10)
+    w = windows(data, 64, max_windows=10)
     assert w.shape == (10, 64) and torch.equal(w[0], data[:64].long())
     with pytest.raises(ValueError, match="seq_len"):
         batches(data[:10], 1, 32, torch.Generator())

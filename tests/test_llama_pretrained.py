@@ -1,4 +1,4 @@
-"""The bundled pretrained base (assets/tiny-llama), the pretraining script, and the 4-bit quality ordering."""
+"""The bundled pretrained base (llama/assets/tiny-llama), the pretraining script, and the 4-bit quality ordering."""
 import importlib.util
 import json
 from pathlib import Path
@@ -8,11 +8,11 @@ import torch
 from reference_libs import reference
 
 import llama
-from llama.corpus import heldout_windows, stdlib_tokens
+from llama.corpus import stdlib_tokens, windows
 from llama.pretrain import evaluate, main as pretrain_main, unigram_loss
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "assets" / "tiny-llama"
+BUNDLED = ROOT / "llama" / "assets" / "tiny-llama"
 
 
 def quant_quality():
@@ -48,9 +48,9 @@ def test_bundled_model_fits_the_budget_and_has_gqa():
 
 def test_bundled_model_is_pretrained_far_below_the_byte_unigram_baseline(heldout):
     model = llama.load_checkpoint(None, BUNDLED).float()
-    windows = heldout_windows(heldout, model.config.max_position_embeddings, max_windows=24)
-    loss = evaluate(model, windows)
-    baseline = unigram_loss(stdlib_tokens("train"), windows.flatten())
+    held = windows(heldout, model.config.max_position_embeddings, max_windows=24)
+    loss = evaluate(model, held)
+    baseline = unigram_loss(stdlib_tokens("train"), held.flatten())
     assert loss < 0.75 * baseline, (loss, baseline)
     logged = json.loads((BUNDLED / "pretrain_log.json").read_text())
     assert logged["final_heldout_loss_bf16"] < 0.75 * logged["unigram_heldout_loss"]
@@ -85,8 +85,8 @@ def test_nf4_is_the_best_4bit_format_on_the_pretrained_model(heldout):
     reference("bitsandbytes")
     qq = quant_quality()
     config = llama.LlamaConfig.from_hf(BUNDLED)
-    windows = heldout_windows(heldout, config.max_position_embeddings, max_windows=24)
-    losses = qq.heldout_losses(BUNDLED, windows)
+    held = windows(heldout, config.max_position_embeddings, max_windows=24)
+    losses = qq.heldout_losses(BUNDLED, held)
     assert losses["NF4 (ours)"] < losses["FP4 (bnb)"], losses
     assert losses["NF4 (ours)"] < losses["Int4 absmax"], losses
     assert abs(losses["NF4 (ours)"] - losses["NF4 (bnb)"]) < 0.01, losses

@@ -9,7 +9,8 @@ from reference_libs import reference
 from test_recipe_train import FAST, _train_one
 
 import lora
-from recipe.build import BuildOptions, build, reset_lora_init
+from recipe.build import BuildOptions, build
+from recipe.twins import reset_lora_init
 
 
 def test_build_streams_quantizes_and_wraps_every_target(tiny_model):
@@ -53,14 +54,15 @@ def test_world_size_larger_than_the_data_can_feed_is_a_clear_error(tiny_model, t
 
 def test_a_batch_that_cannot_fit_the_plan_warns_with_the_plan(tiny_model):
     import llama
-    from recipe.train import check_plan, parse_args
+    from recipe.job import check_plan
+    from recipe.train import job_config, parse_args
 
     messages = []
-    check_plan(parse_args(["--memory-gib", "0.001", "--batch-size", "64"]), llama.LlamaConfig.from_hf(tiny_model), 2,
-               torch.device("cpu"), messages.append)
+    check_plan(job_config(parse_args(["--memory-gib", "0.001", "--batch-size", "64"])),
+               llama.LlamaConfig.from_hf(tiny_model), 2, messages.append)
     assert len(messages) == 1 and "exceeds" in messages[0] and "peak on the device" in messages[0]
     messages.clear()
-    check_plan(parse_args(["--memory-gib", "64"]), llama.LlamaConfig.from_hf(tiny_model), 2, torch.device("cpu"),
+    check_plan(job_config(parse_args(["--memory-gib", "64"])), llama.LlamaConfig.from_hf(tiny_model), 2,
                messages.append)
     assert messages == []
 

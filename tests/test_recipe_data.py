@@ -46,25 +46,25 @@ def test_ranks_split_the_global_batch_and_a_restored_sampler_continues_exactly()
     whole = Sampler(data, batch_size=6, seed=3)              # one rank, global batch 6
     ranks = [Sampler(data, batch_size=3, rank=r, world_size=2, seed=3) for r in range(2)]
     for _ in range(20):                                      # crosses epoch boundaries (50 / 6)
-        assert torch.equal(whole.next_batch(), torch.cat([s.next_batch() for s in ranks]))
+        assert torch.equal(whole.next_batch().input_ids, torch.cat([s.next_batch().input_ids for s in ranks]))
     state = ranks[0].state_dict()
-    expected = [ranks[0].next_batch() for _ in range(5)]
+    expected = [ranks[0].next_batch().input_ids for _ in range(5)]
     resumed = Sampler(data, batch_size=3, rank=0, world_size=2, seed=3)
     resumed.load_state_dict(state)
-    assert all(torch.equal(resumed.next_batch(), e) for e in expected)
+    assert all(torch.equal(resumed.next_batch().input_ids, e) for e in expected)
 
 
 def test_an_epoch_visits_every_window_once():
     data = windows(torch.arange(10 * 2), 2)
     s = Sampler(data, batch_size=5, seed=0)
-    seen = torch.cat([s.next_batch() for _ in range(2)])[:, 0] // 2
+    seen = torch.cat([s.next_batch().input_ids for _ in range(2)])[:, 0] // 2
     assert sorted(seen.tolist()) == list(range(10))
 
 
 def test_eval_batches_are_fixed_and_sliced_per_rank():
     data = windows(torch.arange(20 * 2), 2)
-    one = list(eval_batches(data, 4, 3))
-    two = [list(eval_batches(data, 2, 3, rank=r, world_size=2)) for r in range(2)]
+    one = [b.input_ids for b in eval_batches(data, 4, 3)]
+    two = [[b.input_ids for b in eval_batches(data, 2, 3, rank=r, world_size=2)] for r in range(2)]
     for b in range(3):
         assert torch.equal(one[b], torch.cat([two[0][b], two[1][b]]))
 

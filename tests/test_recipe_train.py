@@ -1,4 +1,4 @@
-"""The composed loop (recipe/train.py, build.py, checkpoint.py, adapter.py) on 2 real gloo ranks.
+"""The composed loop (recipe/train.py, job.py, loop.py, build.py, checkpoint.py, adapter.py) on 2 real gloo ranks.
 
 A tiny random Llama (2 layers, hidden 64: ``tiny_model`` in conftest.py) is written once per session;
 every run fine-tunes it on short windows of the pydoc corpus. Swapping ONE component for the library
@@ -53,10 +53,24 @@ def test_swapping_one_component_gives_the_same_loss_curve(tiny_model, tmp_path):
         assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def torchrun(out, model, *flags, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+SLOW_TRAIN = """
+import sys, time
+sys.path.insert(0, {root!r})
+from recipe.train import cli
+cli(sys.argv[1:], on_step=lambda record: time.sleep({seconds}))  # slow enough to be killed mid-way
+"""
+
+
+def torchrun(out, model, *flags, step_sleep_s=None):
+    """``recipe.train`` on 2 ranks; with ``step_sleep_s``, through a script that sleeps after every step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = ["-m", "recipe.train"]
+    if step_sleep_s is not None:
+        script = Path(out).parent / "slow_train.py"
+        script.write_text(SLOW_TRAIN.format(root=str(ROOT), seconds=step_sleep_s))
+        entry = [str(script)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-               "-m", "recipe.train", "--model", str(model), "--out", str(out), *flags]
+               *entry, "--model", str(model), "--out", str(out), *flags]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -84,7 +98,7 @@ def test_sigkill_then_resume_gives_a_bitwise_identical_loss_log(tiny_model, tmp_
     whole = torchrun(tmp_path / "whole", tiny_model, *flags)
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
 
-    killed = torchrun(tmp_path / "killed", tiny_model, *flags, env_extra={"HOME70B_STEP_SLEEP_S": "0.2"})
+    killed = torchrun(tmp_path / "killed", tiny_model, *flags, step_sleep_s=0.2)
     log = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 10):
@@ -109,10 +123,12 @@ def test_sigkill_then_resume_gives_a_bitwise_identical_loss_log(tiny_model, tmp_
 KILL_DURING_SAVE = """
 import os, signal, sys, tempfile, torch, torch.distributed as dist
 from recipe import checkpoint
+from recipe.twins.sharders import Unsharded
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
-p = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.AdamW([p])
-p.grad = torch.ones(3); opt.step()
-checkpoint.save(sys.argv[1], 1, [p], opt, {"sampler": {"epoch": 0, "position": 5, "seed": 0}})
+model = Unsharded(torch.nn.Linear(3, 1, bias=False)); p = model.model.weight
+torch.nn.init.ones_(p); opt = torch.optim.AdamW([p])
+p.grad = torch.ones_like(p); opt.step()
+checkpoint.save(sys.argv[1], 1, model.local_state(opt), {"sampler": {"epoch": 0, "position": 5, "seed": 0}})
 real_replace = os.replace
 def die(src, dst):  # killed exactly while the second checkpoint is being committed
     if str(src).endswith("step-000002.tmp"):
@@ -120,7 +136,7 @@ def die(src, dst):  # killed exactly while the second checkpoint is being commit
     real_replace(src, dst)
 os.replace = die
 p.data.fill_(7.0); opt.step()
-checkpoint.save(sys.argv[1], 2, [p], opt, {"sampler": {"epoch": 0, "position": 9, "seed": 0}})
+checkpoint.save(sys.argv[1], 2, model.local_state(opt), {"sampler": {"epoch": 0, "position": 9, "seed": 0}})
 """
 
 
@@ -128,6 +144,7 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     import torch.distributed as dist
 
     from recipe import checkpoint
+    from recipe.twins.sharders import Unsharded
 
     result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], cwd=ROOT, capture_output=True)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
@@ -135,9 +152,12 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert checkpoint.latest(tmp_path) == tmp_path / "step-000001"  # ... but latest still names step 1
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:  # the group is this test's own: leave none behind for later tests in this process
-        p = torch.nn.Parameter(torch.zeros(3))
+        model = Unsharded(torch.nn.Linear(3, 1, bias=False))
+        p = model.model.weight
+        torch.nn.init.zeros_(p)
         opt = torch.optim.AdamW([p])
-        meta = checkpoint.load(checkpoint.latest(tmp_path), [p], opt, fingerprint={})
+        state, meta = checkpoint.load(checkpoint.latest(tmp_path), fingerprint={})
+        model.load_local_state(opt, state)
     finally:
         dist.destroy_process_group()
     assert meta["step"] == 1 and meta["sampler"]["position"] == 5

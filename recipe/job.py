@@ -1,0 +1,213 @@
+"""The main job, from a typed configuration: data -> plan check -> build -> resume -> loop -> adapter.
+
+    summary = run_job(JobConfig(build=BuildOptions(...), loop=LoopConfig(...)))
+
+``recipe/train.py`` is its command line; the notebooks and benchmarks may call `run_job` directly.
+Runs on every rank of an initialised process group (``recipe.device.init_distributed``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import llama
+
+from . import checkpoint, data
+from .adapter import base_shape, save_trained_adapter
+from .build import BuildOptions, Built, build
+from .device import device_peak_mib, memory_budget, reset_device_peak
+from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
+from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
+from .plan import ALL_LINEAR, GiB, Setup, plan
+
+Log = Callable[[str], None]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+@dataclasses.dataclass
+class JobConfig:
+    build: BuildOptions
+    loop: LoopConfig
+    data: str | None = None             # text file or directory; None: the pydoc topics
+    tokenizer: str = "auto"             # "auto": the checkpoint's; "byte": the byte tokenizer
+    seq_len: int = 128
+    batch_size: int = 4                 # sequences per rank per micro-batch
+    eval_batches: int = 8
+    activation_checkpointing: bool = False
+    resume: bool = False                # continue from <out>/checkpoints/latest
+    memory_gib: float | None = None     # memory per rank for the plan check (default: what the device has)
+    track_memory: bool = False          # count live tensor bytes (slower)
+
+    def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
+        """The settings a checkpoint must share with the run that resumes it."""
+        b, loop = self.build, self.loop
+        return {"quant": b.quant, "lora": b.lora, "shard": b.shard, "rank": b.rank, "alpha": b.alpha,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": loop.grad_accum,
+                "steps": loop.steps, "lr": loop.lr, "seed": b.seed, "target_modules": ",".join(b.target_modules),
+                "dtype": dtype_name(b.compute_dtype), "base": base_shape(model_config)}
+
+
+@dataclasses.dataclass
+class Corpus:
+    train: torch.Tensor                 # (n, seq_len) training windows
+    heldout: torch.Tensor               # (m, seq_len) held-out windows
+
+
+def load_corpus(config: JobConfig, model_config: llama.LlamaConfig, world: int) -> Corpus:
+    """Tokenize and window the corpus; refuse a tokenizer that does not fit the model and a world size the
+    data cannot feed, naming both sides."""
+    model = config.build.model
+    tokenizer = llama.ByteTokenizer() if config.tokenizer == "byte" else llama.load_tokenizer(model)
+    train_ids, heldout_ids = data.tokenize_splits(data.load_documents(config.data), tokenizer)
+    largest = int(max(train_ids.max(), heldout_ids.max()))
+    if largest >= model_config.vocab_size:
+        raise ValueError(f"the tokenizer of --model {model} produces token id {largest}, but the model's "
+                         f"vocab_size is {model_config.vocab_size}: tokenizer.json and config.json do not belong together")
+    corpus = Corpus(data.windows(train_ids, config.seq_len), data.windows(heldout_ids, config.seq_len))
+    if world * config.batch_size > min(len(corpus.train), len(corpus.heldout)):
+        raise ValueError(f"world size {world} is larger than this run can use: {world} ranks x --batch-size "
+                         f"{config.batch_size} needs that many windows of {config.seq_len} tokens, the corpus has "
+                         f"{len(corpus.train)} (train) and {len(corpus.heldout)} (held-out)")
+    return corpus
+
+
+def check_plan(config: JobConfig, model_config: llama.LlamaConfig, world: int, log: Log) -> None:
+    """Warn, with the plan's table, when the planned peak per rank exceeds the memory available."""
+    b = config.build
+    setup = Setup(world_size=world, gpu_bytes=memory_budget(b.device, config.memory_gib), batch_size=config.batch_size,
+                  seq_len=config.seq_len, rank=b.rank,
+                  target_modules=tuple(t for t in b.target_modules if t in ALL_LINEAR) or ALL_LINEAR, dora=b.dora,
+                  activation_checkpointing=config.activation_checkpointing, offload=b.offload,
+                  quantize=b.quant != "none", compute_bytes=b.compute_dtype.itemsize)
+    result = plan(model_config, setup)
+    if not result.fits:
+        log(f"WARNING: the planned memory per rank exceeds the {setup.gpu_bytes / GiB:.1f} GiB available; "
+            f"lower --batch-size/--seq-len or add --activation-checkpointing/--offload\n{result.table()}")
+
+
+def enable_activation_checkpointing(layers) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations (non-reentrant)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint as recompute
+
+    for layer in layers:
+        layer.forward = partial(recompute, layer.forward, use_reentrant=False)
+
+
+def prepare_run(config: JobConfig, built: Built, corpus: Corpus, model_config: llama.LlamaConfig) -> Run:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    optimizer = torch.optim.AdamW(built.parameters, lr=config.loop.lr, weight_decay=0.0)
+    sampler = data.Sampler(corpus.train, config.batch_size, rank, world, seed=config.build.seed)
+    return Run(built.trainable, optimizer, sampler,
+               heldout=lambda: data.eval_batches(corpus.heldout, config.batch_size, config.eval_batches, rank, world),
+               device=built.device, rank=rank, tokens_per_step=world * config.batch_size * config.seq_len
+               * config.loop.grad_accum, fingerprint=config.fingerprint(model_config))
+
+
+def resume(run: Run, config: JobConfig, log: Log) -> int:
+    """The step to start from: 0, or that of ``<out>/checkpoints/latest`` with ``--resume`` (restored)."""
+    found = checkpoint.latest(config.loop.out / "checkpoints") if config.resume else None
+    if config.resume and found is None:
+        log(f"--resume: no checkpoint in {config.loop.out / 'checkpoints'}, starting from step 0")
+    if found is None:
+        return 0
+    state, meta = checkpoint.load(found, run.fingerprint)
+    run.model.load_local_state(run.optimizer, state)
+    run.sampler.load_state_dict(meta["sampler"])
+    log(f"resumed from step {meta['step']}")
+    return meta["step"]
+
+
+def run_job(config: JobConfig, on_step: StepCallback | None = None) -> dict:
+    """Fine-tune as ``config`` says; print and return the summary (held-out loss before/after, tokens/s,
+    peaks per rank). ``on_step(record)`` is called after every optimizer step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if rank == 0:
+        config.loop.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.build.seed + rank)  # dropout masks differ per rank; LoRA init does not use it
+    model_config = llama.LlamaConfig.from_hf(config.build.model)
+    corpus = load_corpus(config, model_config, world)
+    check_plan(config, model_config, world, log)
+    memory = TensorMemory(record_peak=True) if config.track_memory else None
+    if memory:
+        memory.__enter__()
+    built = build(config.build)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(built.model.model.layers)
+    run = prepare_run(config, built, corpus, model_config)
+    start = resume(run, config, log)
+    if rank == 0:
+        trim_metrics(config.loop.out / "metrics.jsonl", start)
+    b = config.build
+    log(f"rank 0 of {world}: {b.quant} base, {b.lora} LoRA (r={b.rank}, {len(built.lora_names)} layers), "
+        f"{b.shard} sharding, {dtype_name(b.compute_dtype)} on {b.device}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
+    eval_before = evaluate(run.model, run.heldout())
+    log(f"held-out loss before: {eval_before:.4f}")
+    reset_peak_rss()
+    reset_device_peak(built.device)
+    if memory:
+        memory.reset_peak()
+    result = train(run, config.loop, start, on_step)
+    if memory:
+        memory.__exit__(None, None, None)
+    summary = finish(Finished(config, built, run, eval_before, result, memory), log)
+    dist.barrier()
+    return summary
+
+
+@dataclasses.dataclass
+class Finished:
+    """Everything the end of a run reports on."""
+    config: JobConfig
+    built: Built
+    run: Run
+    eval_before: float
+    result: LoopResult
+    memory: TensorMemory | None
+
+
+def rank_peaks(done: Finished) -> list[dict]:
+    """Every rank's memory peaks, on every rank (collective)."""
+    built, memory = done.built, done.memory
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, {"peak_rss_mib": peak_rss_bytes() / 2**20,
+                                   "load_peak_rss_mib": built.load_peak_rss / 2**20,
+                                   "peak_device_mib": device_peak_mib(built.device),
+                                   "load_peak_device_mib": built.load_peak_device_mib,
+                                   "peak_tensor_mib": memory.peak / 2**20 if memory else None,
+                                   "at_peak_mib": [(round(b / 2**20, 1), op) for b, op in memory.at_peak[:8]]
+                                   if memory else None})
+    return peaks
+
+
+def finish(done: Finished, log: Log) -> dict:
+    """Write the adapter, gather per-rank peaks, print and write the summary."""
+    out, result, device = done.config.loop.out, done.result, done.built.device
+    save_trained_adapter(done.built, done.config.build, out / "adapter")
+    peaks = rank_peaks(done)
+    steps = done.config.loop.steps - result.start
+    summary = {"eval_loss_before": done.eval_before, "eval_loss_after": result.eval_loss, "steps": steps,
+               "tokens_per_s": done.run.tokens_per_step * steps / result.seconds, "seconds": result.seconds,
+               "ranks": peaks}
+    log(f"held-out loss: {done.eval_before:.4f} -> {result.eval_loss:.4f}; {summary['tokens_per_s']:.0f} tokens/s over "
+        f"{steps} steps ({result.seconds:.1f} s of training, evaluation excluded)")
+    for r, p in enumerate(peaks):
+        log(f"rank {r}: peak RSS {p['peak_rss_mib']:.0f} MiB training, {p['load_peak_rss_mib']:.0f} MiB loading"
+            + (f", peak tensors {p['peak_tensor_mib']:.1f} MiB" if p["peak_tensor_mib"] is not None else "")
+            + (f"; peak {device.type} memory allocated {p['peak_device_mib']:.0f} MiB training, "
+               f"{p['load_peak_device_mib']:.0f} MiB loading" if p["peak_device_mib"] is not None else ""))
+    log(f"adapter written to {out / 'adapter'} (PEFT format)")
+    if dist.get_rank() == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
