@@ -24,18 +24,9 @@ import torch
 from torch import nn
 
 import lora
+from recipe.twins.bnb_linear import bnb_linear4bit
 
 from . import timed
-
-
-def bnb_linear4bit(linear: nn.Linear) -> nn.Module:
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
-                              quant_type="nf4", compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
-    return layer.to(linear.weight.device)  # bitsandbytes quantizes here
 
 
 def ours_over_nf4(linear, rank):

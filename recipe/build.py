@@ -72,6 +72,7 @@ class Built:
     load_peak_rss: int          # bytes: the RSS high-water mark while loading, quantizing and sharding
     rss_before_load: int
     load_peak_device_mib: float | None  # the GPU's allocated high-water mark while loading (None on CPU)
+    description: str = ""       # the stack in words, for the log
 
     @property
     def model(self) -> nn.Module:
@@ -163,4 +164,7 @@ def build(opts: BuildOptions, process_group=None) -> Built:
     trainable = SHARDERS[opts.shard](model, ends, list(model.model.layers),
                                      lambda layer: lora_names.extend(load_next_layer(model, stream, opts)),
                                      opts, process_group)
-    return Built(trainable, lora_names, opts.device, peak_rss_bytes(), rss_before, device_peak_mib(opts.device))
+    description = (f"{opts.quant} base, {opts.lora} LoRA (r={opts.rank}, {len(lora_names)} layers), "
+                   f"{opts.shard} sharding")
+    return Built(trainable, lora_names, opts.device, peak_rss_bytes(), rss_before, device_peak_mib(opts.device),
+                 description)

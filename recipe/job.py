@@ -128,9 +128,11 @@ def resume(run: Run, config: JobConfig, log: Log) -> int:
     return meta["step"]
 
 
-def run_job(config: JobConfig, on_step: StepCallback | None = None) -> dict:
+def run_job(config: JobConfig, on_step: StepCallback | None = None,
+            builder: Callable[[BuildOptions], Built] = build) -> dict:
     """Fine-tune as ``config`` says; print and return the summary (held-out loss before/after, tokens/s,
-    peaks per rank). ``on_step(record)`` is called after every optimizer step."""
+    peaks per rank). ``on_step(record)`` is called after every optimizer step. ``builder`` makes the
+    model (``recipe.build.build``; the end-to-end benchmark passes the library stack's)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     if rank == 0:
@@ -142,16 +144,15 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None) -> dict:
     memory = TensorMemory(record_peak=True) if config.track_memory else None
     if memory:
         memory.__enter__()
-    built = build(config.build)
+    built = builder(config.build)
     if config.activation_checkpointing:
         enable_activation_checkpointing(built.model.model.layers)
     run = prepare_run(config, built, corpus, model_config)
     start = resume(run, config, log)
     if rank == 0:
         trim_metrics(config.loop.out / "metrics.jsonl", start)
-    b = config.build
-    log(f"rank 0 of {world}: {b.quant} base, {b.lora} LoRA (r={b.rank}, {len(built.lora_names)} layers), "
-        f"{b.shard} sharding, {dtype_name(b.compute_dtype)} on {b.device}; load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
+    log(f"rank 0 of {world}: {built.description}, {dtype_name(config.build.compute_dtype)} on {built.device}; "
+        f"load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
     eval_before = evaluate(run.model, run.heldout())
     log(f"held-out loss before: {eval_before:.4f}")
     reset_peak_rss()

@@ -1,6 +1,7 @@
-"""bitsandbytes' NF4 ``Linear4bit``, made from one weight, in a form a sharder can slice.
+"""bitsandbytes' NF4 ``Linear4bit``, made from an ``nn.Linear``, in a form a sharder can slice.
 
-Imported only when ``--quant bnb`` (or a comparison) asks for it: it imports bitsandbytes at the top.
+Imported only when ``--quant bnb`` asks for it (and by the tests and benchmarks that compare against
+bitsandbytes): it imports bitsandbytes at the top.
 """
 from __future__ import annotations
 
@@ -34,14 +35,17 @@ class ShardableLinear4bit(bnb.nn.Linear4bit):
         self.__dict__["_sharded_weight"] = value
 
 
-def bnb_linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, block_size: int = 64) -> nn.Module:
-    """A bitsandbytes NF4 ``Linear4bit`` (double quantization) holding ``weight``, quantized on its device."""
-    out_features, in_features = weight.shape
+def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16, block_size: int = 64) -> nn.Module:
+    """A bitsandbytes NF4 ``Linear4bit`` (double quantization) holding ``linear``'s weight (and bias),
+    quantized on the weight's device -- the counterpart of ``nf4.Linear4bit.from_linear``."""
     with torch.device("meta"):
-        module = ShardableLinear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                                     compress_statistics=True, quant_type="nf4")
-    module.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, blocksize=block_size,
+        module = ShardableLinear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                     compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    weight = linear.weight.detach()
+    module.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=block_size,
                                       compress_statistics=True, quant_type="nf4", module=module)
     module.weight = module.weight.to(weight.device)  # Params4bit quantizes when moved to a device
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     module.support_avx512bf16_for_cpu = False  # never repack the bytes in place at eval time
     return module

@@ -25,7 +25,7 @@ def nf4_linear(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
 def bnb_linear(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
     from .bnb_linear import bnb_linear4bit  # imports bitsandbytes: only when chosen
 
-    return bnb_linear4bit(weight, compute_dtype)
+    return bnb_linear4bit(_frozen(weight), compute_dtype)
 
 
 def plain_linear(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:

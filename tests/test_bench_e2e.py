@@ -1,0 +1,30 @@
+"""benchmarks/e2e.py in quick mode: both stacks run and the side-by-side table prints (no timing checked)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reference_libs import reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_mode_prints_the_table_with_both_sides(tmp_path):
+    for library in ("bitsandbytes", "peft", "transformers"):
+        reference(library)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--quick", "--device", "cpu", "--dtype", "fp32", "--out",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    header = re.search(r"^\| +\| +ours \| +library \| ours/lib \|$", result.stdout, re.M)
+    assert header, result.stdout
+    rows = {m[1].strip(): (float(m[2]), float(m[3])) for m in
+            re.finditer(r"^\| ([^|]+?) +\| +([\d.]+) \| +([\d.]+) \| +[\d.]+x \|$", result.stdout, re.M)}
+    assert {"tokens/s (2 ranks)", "held-out loss before", "held-out loss after 2 steps"} <= set(rows), rows
+    assert all(ours > 0 and lib > 0 for ours, lib in rows.values()), rows
+    before = rows["held-out loss before"]
+    assert before[0] == pytest.approx(before[1], rel=1e-2)  # the same model and data on both sides
+    for side in ("ours", "library"):
+        assert (tmp_path / side / "adapter" / "adapter_model.safetensors").is_file()
