@@ -7,7 +7,7 @@
     adapter_io.py    save_adapter / load_adapter in PEFT's on-disk format
     saved_tensors.py record what autograd saves for backward (tests, benchmark, chapter 4)
 
-It never imports nf4 (or any sibling module): a base is anything linear-like (DESIGN.md).
+It never imports nf4 (or any sibling module): a base is anything linear-like (ARCHITECTURE.md).
 """
 from .adapter_io import load_adapter, save_adapter
 from .base_weight import dequantized_weight, is_linear_like, is_quantized

@@ -1,4 +1,4 @@
-"""The duck-typed contract between LoRA and the frozen layer it wraps (DESIGN.md, "lora — contract").
+"""The duck-typed contract between LoRA and the frozen layer it wraps (ARCHITECTURE.md, "lora").
 
 LoRA never imports a quantization library. A *linear-like* base is any module with ``in_features``,
 ``out_features`` and a ``weight`` that is one of

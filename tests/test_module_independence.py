@@ -1,4 +1,4 @@
-"""The three teaching modules never import each other; llama imports none of them (DESIGN.md)."""
+"""The three teaching modules never import each other; llama imports none of them (ARCHITECTURE.md)."""
 import ast
 from pathlib import Path
 
