@@ -1,6 +1,9 @@
-"""Side-by-side benchmarks, ours vs the library, one table each. Run them as modules from the repository
-root (``python -m benchmarks.nf4``, ``torchrun --nproc_per_node 2 -m benchmarks.sharding``): as plain
-scripts, ``benchmarks/nf4.py`` would shadow the ``nf4`` package it measures."""
+"""Side-by-side benchmarks, ours vs the library, one table each; each has ``--quick`` (tiny sizes, seconds).
+
+Run them as modules from the repository root (``python -m benchmarks.nf4``, ``torchrun --nproc_per_node 2
+-m benchmarks.sharding``), and start any worker process as a module too (``-m benchmarks.e2e_library``):
+as a plain script, ``benchmarks/nf4.py`` would put ``benchmarks/`` first on ``sys.path`` and shadow the
+``nf4`` package it measures."""
 import time
 
 import torch

@@ -10,7 +10,7 @@ Triton kernel on CUDA and with torch on the CPU, ``lora`` creates its adapters b
 1. the process group: NCCL only reduces CUDA tensors, gloo only CPU ones (this file);
 2. each checkpoint tensor moved to the device as it is streamed in, so a linear is quantized on the
    device and only its NF4 form stays there (``recipe/build.py``);
-3. each batch moved to the device before the forward (``recipe/train.py``).
+3. each batch moved to the device before the forward (``recipe/loop.py``).
 
 A tensor handed to a collective must live where the backend expects it (``collective_device``), the
 scalars ``all_mean`` averages included. One rank per GPU: NCCL refuses two ranks on one device.

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .build import DEFAULT_MODEL, LINEARS
-from .plan import GiB, Setup, plan
+from .build import DEFAULT_MODEL
+from .plan import ALL_LINEAR, GiB, Setup, plan
 
 
 def random_checkpoint(preset: str, layers: int, directory: Path, seed: int = 0) -> Path:
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
 
         config = llama.LlamaConfig.from_hf(model_dir)
     setup = Setup(world_size=args.nproc, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
-                  target_modules=LINEARS, activation_checkpointing=args.activation_checkpointing, compute_bytes=4 if args.dtype == "fp32" else 2,
+                  target_modules=ALL_LINEAR, activation_checkpointing=args.activation_checkpointing, compute_bytes=4 if args.dtype == "fp32" else 2,
                   quantize=args.quant == "nf4")
     planned = plan(config, setup)
     print(planned.table())
