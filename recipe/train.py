@@ -89,21 +89,25 @@ def job_config(args: argparse.Namespace, device: torch.device = torch.device("cp
                      memory_gib=args.memory_gib, track_memory=args.track_memory)
 
 
-def main(argv=None, on_step: StepCallback | None = None) -> dict:
-    """Parse, set up this rank's device and process group, run the job; return its summary."""
-    args = parse_args(argv)
+def run(args: argparse.Namespace, on_step: StepCallback | None = None) -> dict:
+    """Set up this rank's device and process group, run the job of ``args``; return its summary."""
     device = resolve_device(args.device)
     init_distributed(device)
     return run_job(job_config(args, device), on_step)
 
 
+def main(argv=None, on_step: StepCallback | None = None) -> dict:
+    return run(parse_args(argv), on_step)
+
+
 def cli(argv=None, on_step: StepCallback | None = None) -> None:
     """`main` as a command: a user error is one ``error:`` line and exit status 2; the process group is
     closed at the end either way."""
+    args = parse_args(argv)
     try:
-        main(argv, on_step)
+        run(args, on_step)
     except (ValueError, FileNotFoundError) as error:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
+        if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

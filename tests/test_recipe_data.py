@@ -4,7 +4,7 @@ import torch
 
 from llama import ByteTokenizer
 from llama.corpus import stdlib_files
-from recipe.data import Sampler, eval_batches, load_documents, pydoc_topics_path, tokenize_splits, windows
+from recipe.data import Batch, Sampler, eval_batches, load_documents, pydoc_topics_path, tokenize_splits, windows
 
 
 def test_default_corpus_is_the_pydoc_topics_and_not_in_pretraining():
@@ -76,3 +76,12 @@ def test_bad_sizes_are_clear_errors():
         Sampler(windows(torch.arange(8), 2), batch_size=3, world_size=2)
     with pytest.raises(ValueError, match="seed"):
         Sampler(windows(torch.arange(8), 2), batch_size=1, seed=1).load_state_dict({"epoch": 0, "position": 0, "seed": 2})
+
+
+def test_a_batch_of_plain_text_predicts_its_own_next_tokens_and_passes_only_what_it_has():
+    ids = torch.arange(6).view(2, 3)
+    batch = Batch.of_text(ids)
+    assert batch.labels is ids and len(batch) == 2
+    assert set(batch.model_inputs()) == {"input_ids", "labels"}  # no None position_ids / attention_mask
+    masked = Batch(ids, ids, attention_mask=torch.ones_like(ids, dtype=torch.bool)).to(torch.device("cpu"))
+    assert set(masked.model_inputs()) == {"input_ids", "labels", "attention_mask"} and masked.position_ids is None

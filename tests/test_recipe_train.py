@@ -7,6 +7,7 @@ PEFT's LoRA (same math, different operation order) within 1e-3 relative, over 20
 checkpointing (recomputes the same forward) within 1e-6, and offload (a no-op move on CPU) exactly.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -213,3 +214,25 @@ def _train_one(rank, world, model, out, flags):
     from recipe.train import main
 
     return main(["--model", str(model), "--out", str(out), *flags])
+
+
+def test_the_schedule_warms_up_linearly_then_decays_to_a_tenth_by_cosine():
+    from llama.training import warmup_cosine
+    from recipe.loop import LoopConfig
+
+    config = LoopConfig(steps=100, lr=1.0)                       # warmup: 5% of the steps
+    assert [config.lr_at(s) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert config.lr_at(5 + 95 // 2) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert config.lr_at(99) > 0.1 and config.lr_at(100) == pytest.approx(0.1)
+    assert LoopConfig(steps=100, lr=2.0, warmup=10).lr_at(30) == warmup_cosine(30, 100, 2.0, 10)
+    with pytest.raises(ValueError, match="warmup"):
+        warmup_cosine(0, 10, 1.0, 0)
+
+
+def test_a_user_error_on_the_command_line_is_one_line_and_status_2(tmp_path):
+    command = [sys.executable, "-m", "recipe.train", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "missing" in result.stderr and "Traceback" not in result.stderr
+    debug = subprocess.run([*command, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
