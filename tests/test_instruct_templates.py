@@ -142,3 +142,12 @@ def test_template_sources_and_names(tmp_path):
     assert load_template(tmp_path, special, name="alpaca").source == BUILTIN["alpaca"]
     with pytest.raises(ValueError, match="template must be 'auto' or one of alpaca, chatml, llama3, plain, got 'vicuna'"):
         load_template(tmp_path, special, name="vicuna")
+
+
+def test_a_template_error_is_a_value_error_naming_the_template():
+    special = special_tokens(None, llama.ByteTokenizer())
+    template = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}", special)
+    with pytest.raises(ValueError, match="chat template 'checkpoint' cannot render this conversation: user first"):
+        template.render([{"role": "assistant", "content": "x"}])
+    alpaca = load_template(None, special, "alpaca")  # an assistant-only conversation renders
+    assert alpaca.render([{"role": "assistant", "content": "x"}]).endswith("request.x</s>")

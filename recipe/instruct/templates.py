@@ -29,7 +29,7 @@ from pathlib import Path
 
 BUILTIN = {
     "alpaca": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
+        "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "{% endif %}{% for message in messages if message['role'] != 'system' %}"
         "{% if message['role'] == 'user' %}{{ '\\n\\n### Instruction:\\n' }}{{ message['content'] }}\n\n### Response:\n"
@@ -107,8 +107,13 @@ class ChatTemplate:
             if OPEN in message["content"] or CLOSE in message["content"]:
                 raise ValueError(f"message content contains the reserved characters U+E000/U+E001: "
                                  f"{message['content']!r:.60}")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special_tokens)
+        import jinja2
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens)
+        except jinja2.TemplateError as err:  # raise_exception() of the template, or an undefined variable
+            raise ValueError(f"chat template {self.name!r} cannot render this conversation: {err}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text (``add_generation_prompt``: end with the assistant header, for generation)."""
