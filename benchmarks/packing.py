@@ -1,6 +1,6 @@
 """Packing vs padding on the bundled instruction set: training tokens per second and padding wasted.
 
-    python -m benchmarks.packing [--examples 256] [--batch-size 8] [--seq-len 256] [--repeats 3] [--quick]
+    python -m benchmarks.packing [--examples 256] [--batch-size 8] [--seq-len 256] [--repeats 3] [--model DIR] [--quick]
 
 The bundled chat set (``recipe/instruct/data/train.jsonl``), ChatML template, byte tokenizer, in a
 shuffled order, as three batchings of ``--batch-size`` rows each:
@@ -10,11 +10,11 @@ shuffled order, as three batchings of ``--batch-size`` rows each:
   (c) padding, length-sorted: the same after sorting the examples by length (less padding, but every
       batch then holds examples of one length, a bias the shuffled order does not have).
 
-Each runs one forward+backward of the token-weighted loss over all its batches on a Llama with the
-bundled model's shape (``assets/tiny-llama/config.json``; ``--quick``: 1 layer of hidden 32, 16
-examples in batches of 4), fp32, on the CPU. Time: ``--repeats`` times after a warm-up, the variants interleaved in each
-repeat; the fastest is shown. Tokens per second count the examples' real tokens only; padding is the
-share of token slots that hold no example token.
+Each runs one forward+backward of the token-weighted loss over all its batches on a Llama of the
+bundled model's shape (``--model``'s ``config.json``, default the bundled tiny-llama; ``--quick``: 1
+layer of hidden 32, 16 examples in batches of 4), fp32, on the CPU. Time: ``--repeats`` times after a
+warm-up, the variants interleaved in each repeat; the fastest is shown. Tokens per second count the
+examples' real tokens only; padding is the share of token slots that hold no example token.
 """
 import argparse
 import random
@@ -56,9 +56,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", type=Path, default=ROOT / "assets" / "tiny-llama", help="config.json's shape")
     parser.add_argument("--quick", action="store_true", help="1 layer of hidden 32, 16 examples, batch 4, 1 repeat")
     args = parser.parse_args(argv)
-    config = llama.LlamaConfig.from_hf(ROOT / "assets" / "tiny-llama")
+    config = llama.LlamaConfig.from_hf(args.model)
     if args.quick:
         args.examples, args.batch_size, args.repeats = 16, 4, 1
         config = llama.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
