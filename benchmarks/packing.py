@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import llama
-from recipe.instruct import TextEncoder, encode_example, load_template, read_jsonl, special_tokens
-from recipe.instruct.batching import batches, fit_length
+from recipe.instruct.batching import batches
+from recipe.instruct.dataset import load_instruct
 from recipe.instruct.loss import global_target_count, scaled_loss
 
 from . import timed
@@ -33,13 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def encoded_set(n_examples: int, seq_len: int, seed: int = 0):
-    tokenizer = llama.ByteTokenizer()
-    special = special_tokens(None, tokenizer)
-    template, encoder = load_template(None, special, "chatml"), TextEncoder(tokenizer, special)
-    _, examples = read_jsonl(ROOT / "recipe" / "instruct" / "data" / "train.jsonl")
+    data = load_instruct(ROOT / "recipe" / "instruct" / "data" / "train.jsonl", llama.ByteTokenizer(), None, "chatml",
+                         seq_len)
+    examples = list(data.examples)
     random.Random(seed).shuffle(examples)
-    encoded, _ = fit_length([encode_example(e, template, encoder) for e in examples[:n_examples]], seq_len)
-    return encoded
+    return examples[:n_examples]
 
 
 def train_pass(model, batch_list) -> None:

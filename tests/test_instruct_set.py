@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import llama
-from recipe.instruct import TextEncoder, encode_example, load_template, read_jsonl, special_tokens
-from recipe.instruct.batching import fit_length
+from recipe.instruct import load_instruct
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "recipe" / "instruct" / "data"
@@ -42,14 +43,23 @@ def test_the_bundled_set_is_what_the_generator_makes():
 
 
 def test_bundled_examples_are_chat_and_fit_the_tiny_model_with_chatml():
-    tokenizer = llama.ByteTokenizer()
-    special = special_tokens(None, tokenizer)
-    template, encoder = load_template(None, special, "chatml"), TextEncoder(tokenizer, special)
-    for split in ("train", "heldout"):
-        fmt, examples = read_jsonl(BUNDLED / f"{split}.jsonl")
-        encoded = [encode_example(e, template, encoder) for e in examples]
-        kept, counts = fit_length(encoded, seq_len=256)
-        assert fmt == "chat" and len(kept) == len(examples) and counts == {"truncated": 0, "dropped": 0}
+    for split, count in (("train", 1110), ("heldout", 66)):
+        data = load_instruct(BUNDLED / f"{split}.jsonl", llama.ByteTokenizer(), None, "chatml", seq_len=256)
+        assert data.report() == f"{split}.jsonl: {count} chat examples, template chatml, 0 truncated to 256 tokens, 0 dropped"
+    short = load_instruct(BUNDLED / "heldout.jsonl", llama.ByteTokenizer(), None, "llama3", seq_len=128)
+    assert short.counts["truncated"] > 0 and all(len(e) <= 128 for e in short.examples)
+    fingerprint = short.fingerprint()
+    assert fingerprint["template"] == "llama3" and fingerprint["seq_len"] == 128
+    assert fingerprint["data_sha256"] == json.loads((BUNDLED / "manifest.json").read_text())["sha256"]["heldout.jsonl"]
+    assert fingerprint != data.fingerprint()
+
+
+def test_an_example_the_template_cannot_render_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"messages": [{"role": "assistant", "content": "a"}]}\n{"messages": [{"role": "user", '
+                    '"content": "\\ue000"}, {"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(ValueError, match="x.jsonl: example 2: message content contains the reserved characters"):
+        load_instruct(path, llama.ByteTokenizer(), None, "chatml")
 
 
 def test_an_unknown_module_is_a_one_line_error(tmp_path):

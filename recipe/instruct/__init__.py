@@ -8,10 +8,12 @@
     for batch in batches(encoded, batch_size, seq_len, packing=True):  # Batch(input_ids, labels, ...)
         ...  # scaled_loss(logits, batch.labels, global_target_count(...), world_size).backward()
 
+``load_instruct(path, tokenizer, model_dir, template, seq_len)`` does the first five lines in one call.
 The bundled instruction set (``data/train.jsonl``, ``data/heldout.jsonl``) is made by
 ``tools/make_instruct_set.py``.
 """
 from .batching import Batch, batches, collate, fit_length, pack
+from .dataset import InstructData, load_instruct
 from .encode import Encoded, TextEncoder, encode_example, special_tokens
 from .jsonl import read_jsonl
 from .loss import count_targets, global_target_count, scaled_loss, token_losses
@@ -19,4 +21,4 @@ from .templates import BUILTIN, ChatTemplate, load_template
 
 __all__ = ["read_jsonl", "BUILTIN", "ChatTemplate", "load_template", "Encoded", "TextEncoder", "encode_example",
            "special_tokens", "Batch", "batches", "collate", "fit_length", "pack", "count_targets",
-           "global_target_count", "scaled_loss", "token_losses"]
+           "global_target_count", "scaled_loss", "token_losses", "InstructData", "load_instruct"]
