@@ -131,7 +131,7 @@ def test_a_template_that_is_not_prefix_stable_is_refused():
 
 
 def test_template_sources_and_names(tmp_path):
-    special = dict(llama.ByteTokenizer and {"bos_token": "<s>", "eos_token": "</s>"})
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
     assert checkpoint_template_source(tmp_path) is None
     assert load_template(tmp_path, special).name == "chatml"  # no template of its own: the default built-in
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
