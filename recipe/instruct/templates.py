@@ -51,7 +51,10 @@ OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters around a {% generatio
 
 
 def _environment():
-    import jinja2
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError("chat templates need the 'jinja2' package (>= 3.1.6): pip install jinja2") from None
     import jinja2.ext
     from jinja2 import nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
