@@ -5,11 +5,13 @@
         model = llama.Llama(cfg)                           # 70B shape, no memory
     for layer, tensors in llama.iter_checkpoint("ckpt/"):  # one decoder layer at a time
         ...
+    logits = model(ids, position_ids=pos, attention_mask=mask)   # packing: see llama.masks
 """
 from .checkpoint import iter_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, LlamaConfig
+from .kv_cache import KVCache
 from .model import Llama, causal_lm_loss
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = ["LlamaConfig", "PRESETS", "Llama", "causal_lm_loss", "iter_checkpoint", "load_checkpoint",
-           "save_checkpoint", "ByteTokenizer", "load_tokenizer"]
+           "save_checkpoint", "ByteTokenizer", "load_tokenizer", "KVCache"]
