@@ -3,7 +3,12 @@
     result = train(run, LoopConfig(steps=300, lr=3e-3, out=Path("runs/default")))
 
 One optimizer step: ``grad_accum`` micro-batches (`Batch`), each rank taking its rows of the global
-batch; loss / grad_accum backward (under sharding the gradients are reduce-scattered into the shards);
+batch. The loss of the step is token-weighted (``recipe.instruct.loss``): the sum of the per-token losses
+over every micro-batch of every rank divided by N, the number of target tokens in the whole global batch.
+N is counted before the first micro-batch (one all-reduce per step), so each micro-batch backwards its
+sum times world / N at once; the gradient reduction averages over ranks (ours and FSDP2 reduce-scatter
+with a mean, the unsharded twin all-reduces and divides), which the factor world undoes. For plain text
+every row has the same target count and this is the mean of the micro-batches' means. Then
 global-norm clipping; AdamW on the local fp32 master shards; the learning rate from linear warmup then
 cosine decay (``llama.training.warmup_cosine``). Every ``eval_every`` steps the held-out loss; every
 ``save_every`` steps an atomic checkpoint (``recipe/checkpoint.py``); one JSON line per step in
@@ -19,12 +24,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from llama.training import mean_loss, warmup_cosine
+from llama.training import warmup_cosine
 
 from . import checkpoint
 from .data import Batch, Sampler
-from .device import all_mean, device_peak_mib
+from .device import collective_device, device_peak_mib
+from .instruct.loss import count_targets, global_target_count, token_losses
 from .memory import peak_rss_bytes
 from .twins import TrainableModel
 
@@ -69,31 +76,53 @@ class LoopResult:
     seconds: float                  # training time, evaluation excluded
 
 
-def batch_loss(model: TrainableModel, batch: Batch) -> torch.Tensor:
-    """The model's mean next-token loss on ``batch``."""
-    return model.forward(**batch.model_inputs())[1]
+def loss_sum(model: TrainableModel, batch: Batch) -> torch.Tensor:
+    """The sum of the model's next-token losses over the target tokens of ``batch`` (fp32)."""
+    inputs = batch.model_inputs()
+    labels = inputs.pop("labels")
+    return token_losses(model.forward(**inputs)[0], labels).sum()
 
 
-def evaluate(model: TrainableModel, batches: Iterable[Batch]) -> float:
-    """Mean held-out loss over ``batches``, averaged over ranks (``llama.training.mean_loss``: eval mode,
-    no dropout, so no random numbers are drawn and evaluating does not change the run)."""
-    return all_mean(mean_loss(model.model, batches, lambda batch: batch_loss(model, batch)))
+def all_sum(*values: float) -> list[float]:
+    """Python numbers summed over all ranks (one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.device | None = None) -> float:
+    """Held-out loss per target token over ``batches`` and all ranks (the sum of token losses over their
+    count), in eval mode: no dropout, so no random numbers are drawn and evaluating does not change the run."""
+    was_training, total, count = model.model.training, 0.0, 0
+    model.model.eval()
+    for batch in batches:
+        total += loss_sum(model, batch if device is None else batch.to(device)).item()
+        count += count_targets(batch.labels)
+    model.model.train(was_training)
+    total, count = all_sum(total, count)
+    if count == 0:
+        raise ValueError("the held-out batches hold no target tokens")
+    return total / count
 
 
 def train_step(run: Run, config: LoopConfig, step: int) -> dict:
-    """One optimizer step; returns its metrics (loss averaged over micro-batches and ranks)."""
+    """One optimizer step; returns its metrics (the loss per target token of the whole global batch)."""
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = 0.0
-    for _ in range(config.grad_accum):
-        loss = batch_loss(run.model, run.sampler.next_batch().to(run.device))
-        (loss / config.grad_accum).backward()
-        loss_sum += loss.item()
+    batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
+    targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
+    total = 0.0
+    for batch in batches:
+        loss = loss_sum(run.model, batch.to(run.device))
+        (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
+        total += loss.item()
     grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": all_mean(loss_sum / config.grad_accum), "grad_norm": grad_norm, "lr": lr}
+    return {"step": step + 1, "loss": all_sum(total)[0] / targets, "grad_norm": grad_norm, "lr": lr,
+            "targets": targets}
 
 
 def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:
@@ -125,7 +154,7 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
         record = train_step(run, config, step)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             eval_start = time.perf_counter()
-            record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout())
+            record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout(), run.device)
             eval_seconds += time.perf_counter() - eval_start
         record["tokens_per_s"] = run.tokens_per_step * (step + 1 - start) / (time.perf_counter() - t0 - eval_seconds)
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20
