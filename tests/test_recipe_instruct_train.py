@@ -143,7 +143,7 @@ def test_three_jsonl_formats_train_on_two_ranks_with_every_swap(tiny_model, tmp_
     swaps = {"ours": [], "bnb": ["--quant", "bnb"], "peft": ["--lora", "peft"], "fsdp2": ["--shard", "fsdp2"]}
     variants = {}
     for fmt in ("plain", "alpaca", "chat"):
-        data = write_jsonl(tmp_path / f"{fmt}.jsonl", fmt, n=64)
+        data = write_jsonl(tmp_path / f"{fmt}.jsonl", fmt, n=240)
         for swap, flags in swaps.items():
             variants[f"{fmt}-{swap}"] = ["--model", str(tiny_model), "--data", str(data), "--steps", "3",
                                          "--eval-every", "3", "--batch-size", "2", *FAST, *flags]
@@ -163,3 +163,35 @@ def test_three_jsonl_formats_train_on_two_ranks_with_every_swap(tiny_model, tmp_
             torch.testing.assert_close(theirs, ours, rtol=tolerance, atol=0, msg=f"{fmt} --{swap} differs")
             assert (tmp_path / f"{fmt}-{swap}" / "adapter" / "adapter_model.safetensors").is_file()
     assert "targets: every token" in result.stdout and "targets: the responses only" in result.stdout
+
+
+def test_the_library_stack_reads_packed_rows_as_ours_does(tiny_model, tmp_path):
+    """benchmarks.e2e_library hands transformers the packed rows' mask and positions: same logits as ours."""
+    transformers = reference("transformers")
+    import llama
+    from benchmarks.e2e_library import hf_inputs
+    from recipe.instruct.batching import ExampleRows
+    from recipe.instruct.dataset import load_instruct
+
+    data = load_instruct(write_jsonl(tmp_path / "chat.jsonl", "chat", n=12), llama.ByteTokenizer(), None, "chatml", 128)
+    batch = ExampleRows(data.examples, 128, packing=True).batch(torch.arange(2))
+    assert batch.position_ids[0].eq(0).sum() > 1  # several examples in a row
+    ours = llama.load_checkpoint(None, tiny_model).float().eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    inputs = {"position_ids": batch.position_ids, "attention_mask": batch.attention_mask}
+    with torch.no_grad():
+        expected = ours(batch.input_ids, **inputs)
+        got = theirs(input_ids=batch.input_ids, **hf_inputs(inputs)).logits
+    real = batch.attention_mask.diagonal(dim1=1, dim2=2) & (batch.position_ids >= 0)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_resume_refuses_another_template_or_packing(tiny_model, tmp_path):
+    data, heldout = write_jsonl(tmp_path / "chat.jsonl", "chat"), write_jsonl(tmp_path / "held.jsonl", "chat", 8, 1)
+    flags = ["--data", str(data), "--heldout", str(heldout), "--steps", "2", "--save-every", "1", "--eval-every", "2",
+             "--batch-size", "2", *FAST]
+    run_on_ranks(_train, 1, args=(tiny_model, tmp_path, {"run": flags}), timeout_s=300)
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+    for changed in (["--template", "llama3"], ["--no-packing"], ["--train-on-prompt"]):
+        with pytest.raises(RuntimeError, match=r"settings differ from the checkpoint's: \{'data'"):
+            run_on_ranks(_train, 1, args=(tiny_model, tmp_path, {"run": [*flags, "--resume", *changed]}), timeout_s=300)
