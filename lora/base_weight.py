@@ -42,6 +42,10 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype | None = None) -> tor
     Nothing here records autograd history: the base is frozen, and callers use the result inside
     ``torch.no_grad()`` or a custom autograd Function's backward.
     """
+    if not isinstance(base, nn.Module) or not is_linear_like(base):
+        raise TypeError(f"base must be a linear-like module (in_features, out_features, weight); got {type(base).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating-point torch.dtype; got {dtype!r}")
     weight = base.weight
     quant_state = _bnb_quant_state(weight)
     if quant_state is not None:

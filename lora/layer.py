@@ -22,6 +22,25 @@ from .base_weight import dequantized_weight, is_linear_like, replace_weight
 from .frozen import frozen_linear
 
 
+def check_hyperparameters(r, alpha, dropout=0.0, rslora=False, dora=False, dtype=torch.float32) -> None:
+    """TypeError/ValueError naming the argument unless r is an int >= 1, alpha a finite number > 0,
+    0 <= dropout < 1, rslora and dora bools, and dtype a floating-point torch.dtype."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1; got {r!r}")
+    for name, value in (("alpha", alpha), ("dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number; got {value!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    for name, value in (("rslora", rslora), ("dora", dora)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool; got {value!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
+
+
 class LoRALinear(nn.Module):
     """``base(x) + s * B(A(dropout(x)))`` over a frozen linear-like ``base`` (module docstring).
 
@@ -35,14 +54,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"base must be linear-like (in_features, out_features, weight); got {type(base).__name__}")
+        check_hyperparameters(r, alpha, dropout, rslora, dora, dtype)
         in_features, out_features = base.in_features, base.out_features
-        if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(in_features, out_features):
-            raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, "
-                             f"{min(in_features, out_features)}]; got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0; got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if r > min(in_features, out_features):
+            raise ValueError(f"r must be <= min(in_features, out_features) = {min(in_features, out_features)}; got {r}")
         self.base_layer = base.requires_grad_(False)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
@@ -54,9 +69,18 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if dora else None
+        self.lora_magnitude_vector = nn.Parameter(self._initial_magnitude()) if dora else None
         self.merged = False
         self._merged_norm = None  # DoRA: the norm used by merge, needed to undo it exactly
+
+    def _initial_magnitude(self) -> torch.Tensor:
+        """DoRA's m at step 0: ``||W||_c`` (B = 0). A zero row would make the gain m / ||.|| = 0 / 0."""
+        norm = self.weight_norm()
+        if not torch.isfinite(norm).all() or (norm == 0).any():
+            rows = torch.nonzero(~torch.isfinite(norm) | (norm == 0)).flatten()[:5].tolist()
+            raise ValueError(f"dora=True needs a finite, non-zero norm for every output row of the base weight; "
+                             f"rows {rows} are zero or non-finite")
+        return norm
 
     @property
     def dora(self) -> bool:
@@ -78,8 +102,10 @@ class LoRALinear(nn.Module):
         return torch.linalg.vector_norm(weight + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input x has last dimension {x.shape[-1]}, expected in_features = {self.in_features}")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"input x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input x has shape {tuple(x.shape)}, expected [..., in_features = {self.in_features}]")
         result = frozen_linear(self.base_layer, x)
         if self.merged:
             return result

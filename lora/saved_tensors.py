@@ -28,6 +28,10 @@ def record_saved_tensors(fn, *args, module: nn.Module | None = None, **kwargs):
 
     ``module``: its parameters and buffers are marked ``is_parameter`` when saved.
     """
+    if not callable(fn):
+        raise TypeError(f"record_saved_tensors: fn must be callable; got {type(fn).__name__}")
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"record_saved_tensors: module must be an nn.Module or None; got {type(module).__name__}")
     known = set()
     if module is not None:
         known = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
