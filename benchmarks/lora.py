@@ -1,6 +1,7 @@
 """QLoRA linear layer, side by side: forward+backward time and what autograd saves, in one run.
 
-    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3] [--device cuda]
+    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 5] [--device cuda]
+    python -m benchmarks.lora --quick      # tiny sizes, seconds: checks that every variant still runs
 
 One 4096x4096 base, 2048 tokens, LoRA rank 16, bf16 compute and bf16 adapters, input requiring grad:
 
@@ -13,7 +14,9 @@ Time: one forward+backward, repeated ``--repeats`` times after one warm-up, the 
 each repeat (so a noisy neighbour slows all of them alike); the fastest and the median are shown, the
 ratios use the fastest (the least disturbed run, as ``timeit`` advises on a shared machine). Saved: the bytes autograd keeps between
 forward and backward that are new allocations (`lora.activation_bytes`; a saved reference to a model
-parameter costs nothing and is left out). Targets (issue 3): (a) time <= 1.0x (c), saved bytes <= (c).
+parameter costs nothing and is left out). Targets: (a) and (b) time <= 1.0x (c), saved bytes <= (c).
+(a) and (b) differ only in the base's dequantization (nf4 vs bitsandbytes); (b) and (c) only in the LoRA
+layer around the same bitsandbytes base.
 """
 import argparse
 import copy
@@ -84,16 +87,34 @@ def forward_backward(module, x, grad_out) -> float:
     return elapsed
 
 
-def main():
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--features", type=positive_int, default=4096, help="a multiple of 64 (the NF4 block)")
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="64 tokens, 256 features, rank 4, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.features, args.rank, args.repeats = 64, 256, 4, 2
+    if args.features % 64:
+        parser.error(f"--features must be a multiple of 64 (the NF4 block size), got {args.features}")
+    if args.rank > args.features:
+        parser.error(f"--rank must be <= --features ({args.features}), got {args.rank}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+        parser.error("--device cuda: no CUDA GPU visible to torch")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)

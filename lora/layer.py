@@ -11,7 +11,11 @@ module's state-dict keys PEFT's, minus PEFT's adapter name.
 
 The base runs through `FrozenLinear` (frozen.py): no weight gradient, nothing saved, the weight
 dequantized again in backward. The adapter runs in plain autograd in ``dtype`` (float32 by default,
-like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back.
+like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back. The scale s
+multiplies the small ``[tokens, r]`` tensor ``A x``, never a ``[tokens, out]`` one; when the adapter and
+the base compute in one dtype, ``torch.addmm(base(x), A x, B^T, alpha=s)`` adds the update inside the B
+GEMM, so the forward makes no ``[tokens, out]`` temporary beside the base output (PEFT makes three: the
+B output, its scaled copy, and the sum).
 """
 import math
 
@@ -110,10 +114,14 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(x_lora)) * self.scaling
-        if not self.dora:
-            return result + update.to(result.dtype)
-        return self._dora_forward(x, x_lora, result, update)
+        down = self.lora_A(x_lora)  # [..., r]
+        if self.dora:
+            return self._dora_forward(x, x_lora, result, self.lora_B(down * self.scaling))
+        if down.dtype == result.dtype:  # one GEMM adds s * down @ B^T onto the base output: no [.., out] temporary
+            flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r),
+                               self.lora_B.weight.t(), alpha=self.scaling)
+            return flat.view(result.shape)
+        return result + self.lora_B(down * self.scaling).to(result.dtype)  # s applied to the small [.., r] tensor
 
     def _dora_forward(self, x, x_lora, result, update):
         """PEFT's DoRA: ``base(x) + (g - 1) W x_d + g s B A x_d``, ``g = m / ||W + s B A||`` detached.
