@@ -35,6 +35,8 @@ def _as_directory(directory, caller: str) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"{caller}: directory must be a str or os.PathLike; got {type(directory).__name__}")
     directory = Path(directory)
+    if directory.name in ("", ".", "..") and caller == "committed_directory":  # reading "." is fine
+        directory = directory.resolve()
     if directory.name in ("", ".", ".."):
         raise ValueError(f"{caller}: directory must name a directory of its own (not {str(directory)!r}); "
                          f"its parent receives the hidden staging directory")

@@ -136,7 +136,7 @@ def test_bad_file_sets_are_refused_before_anything_is_written(tmp_path, files, e
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_directories_are_refused(tmp_path):
+def test_bad_directories_are_refused(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
         lora.write_files_atomically(tmp_path / "file", {"a": b""})
@@ -147,6 +147,9 @@ def test_bad_directories_are_refused(tmp_path):
         lora.write_files_atomically(3, {"a": b""})
     with pytest.raises(ValueError, match="directory of its own"):
         lora.write_files_atomically("..", {"a": b""})
+    (tmp_path / "set" / "sub").rmdir()
+    monkeypatch.chdir(tmp_path / "set")
+    assert lora.committed_directory(".") == tmp_path / "set"  # reading from inside the directory
 
 
 def test_a_diverged_adapter_does_not_replace_the_saved_one(tmp_path):

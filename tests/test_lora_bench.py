@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_mode_prints_ours_and_peft_side_by_side():
     reference("bitsandbytes"), reference("peft")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--quick"], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--quick", "--threads", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\([a-d]\) [^|]+?) \| ([^|]+) \|", run.stdout, re.M)}
     for variant in ("(b) ours over bnb Linear4bit", "(c) PEFT over bnb Linear4bit", "(d) nn.Linear, full fine-tune"):
         assert re.fullmatch(r"\d+ \(\d+\)", rows[variant]), run.stdout  # fastest (median) ms, both sides present
     assert "(a) ours over nf4.Linear4bit" in rows
-    assert "64 tokens, r=4" in run.stdout
+    assert "64 tokens, r=4" in run.stdout and "| CPU ms, median | CPU vs (c) |" in run.stdout
 
 
 @pytest.mark.parametrize("argv, match", [(["--rank", "0"], "--rank: expected an integer >= 1"),
