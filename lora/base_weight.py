@@ -32,6 +32,8 @@ def _bnb_quant_state(weight):
 
 def is_quantized(base: nn.Module) -> bool:
     """True when the base stores its weight in a quantized form (anything but a plain float tensor)."""
+    if not is_linear_like(base):
+        raise TypeError(f"is_quantized: base must be linear-like (in_features, out_features, weight); got {type(base).__name__}")
     weight = base.weight
     return _bnb_quant_state(weight) is not None or not isinstance(weight, torch.Tensor)
 

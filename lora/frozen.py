@@ -25,7 +25,7 @@ B GEMM (``torch.addmm`` with ``alpha = s``), so no ``[tokens, out]`` temporary i
 import torch
 from torch import nn
 
-from .base_weight import dequantized_weight
+from .base_weight import dequantized_weight, is_linear_like
 
 
 class FrozenLinear(torch.autograd.Function):
@@ -47,4 +47,8 @@ class FrozenLinear(torch.autograd.Function):
 
 def frozen_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply the frozen ``base`` to ``x`` through `FrozenLinear`."""
+    if not isinstance(base, nn.Module) or not is_linear_like(base):
+        raise TypeError(f"frozen_linear: base must be a linear-like module; got {type(base).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"frozen_linear: x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
     return FrozenLinear.apply(x, base)

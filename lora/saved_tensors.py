@@ -53,4 +53,6 @@ def record_saved_tensors(fn, *args, module: nn.Module | None = None, **kwargs):
 
 def activation_bytes(records: list[SavedTensor]) -> int:
     """Bytes of the saved tensors that are new allocations (not the model's own parameters)."""
+    if not all(isinstance(r, SavedTensor) for r in records):
+        raise TypeError("activation_bytes: records must be the SavedTensor list of record_saved_tensors")
     return sum(r.nbytes for r in records if not r.is_parameter)

@@ -92,6 +92,14 @@ def test_other_argument_types():
         lora.record_saved_tensors(3)
     with pytest.raises(TypeError, match="module must be an nn.Module or None"):
         lora.record_saved_tensors(lambda: None, module="m")
+    with pytest.raises(TypeError, match="frozen_linear: base must be a linear-like module; got ReLU"):
+        lora.frozen_linear(nn.ReLU(), torch.ones(2))
+    with pytest.raises(TypeError, match="frozen_linear: x must be a floating-point tensor; got torch.int64"):
+        lora.frozen_linear(nn.Linear(2, 2), torch.ones(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="is_quantized: base must be linear-like"):
+        lora.is_quantized(nn.ReLU())
+    with pytest.raises(TypeError, match="records must be the SavedTensor list"):
+        lora.activation_bytes([3])
     assert "trainable%: 0.0000" in str(lora.count_parameters(nn.Sequential()))  # no ZeroDivisionError
 
 
