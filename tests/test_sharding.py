@@ -154,8 +154,8 @@ def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip, tie
         optimizer.zero_grad()
     return {"state": sharding.full_state_dict(sharded), "memory": sharding.memory_report(sharded, optimizer),
             "losses": losses, "materialize_order": order,
-            "shard_numels": [g.shard_numel for u in sharded.units for g in u.groups],
-            "numels": [sum(s.numel for s in g.slots) for u in sharded.units for g in u.groups]}
+            "groups": [(g.trainable, g.shard_numel, g.slots[-1].offset + g.slots[-1].span)
+                       for u in sharded.units for g in u.groups]}
 
 
 def train_reference(clip, tie):
@@ -309,13 +309,14 @@ def test_sharded_adamw_equals_single_process(ranks, variant):
 def test_each_rank_holds_one_slice_and_one_slice_of_optimizer_state(ranks):
     world, results = ranks
     for result in results:
-        memory, shard_numels, numels = (result["default"][k] for k in ("memory", "shard_numels", "numels"))
-        assert shard_numels == [-(-n // world) for n in numels]  # ceil(numel / world): padding < world
-        # Tiny is all fp32: shards = (total + padding) / world; AdamW keeps exp_avg + exp_avg_sq (+ step)
-        assert memory["shards"] == 4 * sum(shard_numels)
-        assert memory["unsharded"] == 4 * sum(numels)
-        trainable = sum(n for n, numel in zip(shard_numels, numels) if numel > 1)  # the 1-elem groups: buffers
-        assert 2 * 4 * trainable <= memory["optimizer"] <= 2 * 4 * trainable + 8 * len(numels)
+        memory, groups = result["default"]["memory"], result["default"]["groups"]
+        assert all(shard == -(-numel // world) for _, shard, numel in groups)  # ceil(numel / world): padding < world
+        # Tiny is fp32: masters hold 4 bytes an element; the frozen group (the `scale` buffers) holds bytes
+        assert memory["shards"] == sum(shard * (4 if trainable else 1) for trainable, shard, _ in groups)
+        assert memory["unsharded"] == 4 * (sum(numel for trainable, _, numel in groups if trainable) + LAYERS)
+        trainable = sum(shard for is_trainable, shard, _ in groups if is_trainable)
+        # AdamW keeps exp_avg + exp_avg_sq (+ a step counter per parameter)
+        assert 2 * 4 * trainable <= memory["optimizer"] <= 2 * 4 * trainable + 8 * len(groups)
         assert memory["gathered"] == 0 and memory["grads"] == 0  # after step + zero_grad, nothing is held
 
 
