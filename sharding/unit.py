@@ -106,12 +106,12 @@ class ShardedUnit:
         log.debug("rank %d post-forward %s", self.rank, self.name)
         if self.is_root:
             runtime.finish_forward()
-        # Keep the unit gathered only if a backward will follow (grad enabled) and either the user asked
-        # (reshard_after_forward=False) or it is the root, whose backward starts right away (as in FSDP2).
-        if not (torch.is_grad_enabled() and (self.is_root or not runtime.reshard_after_forward)):
-            self.free()
         outputs = _tensors_needing_grad(output) if torch.is_grad_enabled() else []
         self.has_backward = bool(outputs)
+        # Keep the unit gathered only if its backward will run and either the user asked
+        # (reshard_after_forward=False) or it is the root, whose backward starts right away (as in FSDP2).
+        if not (self.has_backward and (self.is_root or not runtime.reshard_after_forward)):
+            self.free()
         if outputs:
             register_multi_grad_hook(outputs, self._pre_backward, mode="any")
 

@@ -109,6 +109,7 @@ VARIANTS = {  # name: (shard_model options, micro-batches per step, activation c
     "default": ({}, 1, False, None, False),
     "no_prefetch_keep_gathered": (dict(prefetch=False, reshard_after_forward=False), 1, False, None, False),
     "offload_and_clip": (dict(offload=True), 1, False, 0.05, False),
+    "offload_and_accumulate": (dict(offload=True), 2, False, None, False),
     "checkpoint_and_accumulate": ({}, 2, True, None, False),
     "tied_embedding_and_head": ({}, 1, False, None, True),
     "built_on_meta_materialized_per_unit": (dict(materialize=True), 1, False, None, False),
@@ -204,6 +205,21 @@ def state_dict_round_trip(rank, world):
     return {"saved": saved[0], "reloaded": sharding.full_state_dict(second, trainable_only=False), "losses": losses}
 
 
+def offload_arena(rank, world):
+    """With offload every shard, and each trainable group's gradient and its landing slice, is a slice of
+    one host arena: its size is their sum, each rounded up to 64 bytes, and nothing else."""
+    torch.manual_seed(0)
+    sharded = sharding.shard_model(model := Tiny(), list(model.layers), offload=True)
+    arena = sharded.offload.arena
+    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    groups = [g for u in sharded.units for g in u.groups]
+    sharded(*global_batch()).backward()
+    held = [g.master if g.trainable else g.local for g in groups] + [p.grad for p in sharded.parameters()]
+    return {"arena": arena.numel(), "pinned": sharding.memory_report(sharded)["pinned"],
+            "requests": [numel * dtype.itemsize for g in groups for numel, dtype in g.host_buffers().values()],
+            "inside": all(start <= t.data_ptr() < end and t.device.type == "cpu" for t in held)}
+
+
 def disagreeing_ranks(rank, world):
     """Rank 0 builds a wider model than the others: every rank must raise, none may hang."""
     model = Tiny(dim=DIM + (rank == 0))
@@ -271,6 +287,7 @@ def job(rank, world):
     out["frozen"] = frozen_round_trip(rank, world)
     out["state_dict"] = state_dict_round_trip(rank, world)
     out["disagree"] = disagreeing_ranks(rank, world) if world > 1 else None
+    out["offload_arena"] = offload_arena(rank, world)
     out["meta_left"] = meta_left_by_materialize(rank, world)
     out["fsdp2"] = fsdp2_comparison(rank, world) if world == 2 else None
     return out
@@ -392,3 +409,12 @@ def test_a_tensor_left_on_meta_by_materialize_is_a_clear_error_naming_the_unit(r
     for result in results:
         assert result["meta_left"] is not None
         assert "unit 'layers.1' has tensors on the meta device ('layers.1.norm')" in result["meta_left"]
+
+
+def test_offload_keeps_every_host_tensor_in_one_exactly_sized_arena(ranks):
+    world, results = ranks
+    for result in (r["offload_arena"] for r in results):
+        assert result["arena"] == sum(-(-n // 64) * 64 for n in result["requests"])
+        assert len(result["requests"]) == 3 * (1 + LAYERS) + LAYERS  # 3 per trainable group, 1 per frozen one
+        assert result["inside"]  # shards, masters and their gradients all live in it
+        assert result["pinned"] == 0  # no GPU: nothing is page-locked

@@ -101,6 +101,7 @@ def counted_step(rank, world):
 def job(rank, world):
     out = {shard_size: train_hybrid(rank, world, shard_size) for shard_size in LAYOUTS[world]}
     out["counted"] = counted_step(rank, world) if world == 4 else None
+    out["bad_layouts"] = bad_layouts(rank, world) if world == 4 else None
     out["reference"], out["reference_losses"] = train_whole_batch() if rank == 0 else (None, None)
     return out
 
@@ -174,3 +175,44 @@ def test_a_frozen_embedding_fed_token_ids_is_gathered_once_per_step(ranks):
             f"embed[frozen] ({VOCAB * 8 * 2} bytes) (prefetch for forward)"]
         for layer in ("layers.0", "layers.1"):
             assert sum(g.startswith(layer) for g in gathers) == 2  # forward + backward, one group (trainable)
+
+
+def bad_layouts(rank, world):
+    """Group arguments that cannot work, each refused on every rank with a message naming the argument."""
+    import torch.distributed as dist
+
+    pair = sharding.hybrid_groups(2)
+    first_two = dist.new_group([0, 1])  # every rank creates it; ranks 2 and 3 are not members
+    cases = {
+        "product": lambda: dict(shard_group=None, replicate_group=pair.shard_group),  # 4 x 2 ranks != 4
+        "not_a_grid": lambda: dict(shard_group=pair.shard_group, replicate_group=pair.shard_group),
+        "not_a_member": lambda: dict(process_group=first_two) if rank >= 2 else None,
+        "both_spellings": lambda: dict(process_group=pair.shard_group, shard_group=pair.shard_group),
+    }
+    errors = {}
+    for name, options in cases.items():
+        model = Tiny()
+        if (options := options()) is None:
+            continue
+        try:
+            sharding.shard_model(model, list(model.layers), **options)
+        except (ValueError, TypeError) as error:
+            errors[name] = f"{type(error).__name__}: {error}"
+    try:
+        sharding.hybrid_groups(3)
+    except ValueError as error:
+        errors["shard_size"] = str(error)
+    return errors
+
+
+@pytest.mark.parametrize("ranks", [4], indirect=True, ids=lambda w: f"world{w}")
+def test_groups_that_do_not_form_a_grid_are_refused_on_every_rank(ranks):
+    world, results = ranks
+    for rank, result in enumerate(results):
+        errors = result["bad_layouts"]
+        assert "must cover the 4 ranks of the default group" in errors["product"]
+        assert "not a grid" in errors["not_a_grid"]
+        assert ("not_a_member" in errors) == (rank >= 2)  # ranks 0 and 1 shard over their pair
+        assert rank < 2 or f"this rank ({rank}) is not a member of the group" in errors["not_a_member"]
+        assert "pass process_group alone" in errors["both_spellings"]
+        assert "shard_size must be a positive int dividing the world size 4, got 3" in errors["shard_size"]
