@@ -191,9 +191,18 @@ class FlatGroup:
             sizes += [slot.offset - cursor, slot.span]
             cursor = slot.offset + slot.span
         pieces = torch.split(self.full, sizes + [self.padding])  # one autograd node: backward concatenates
+        if pieces[0].grad_fn is not None:  # trainable, grad enabled: free as soon as the grads are all in
+            pieces[0].grad_fn.register_prehook(self._free_before_concatenating_grads)
         views = [pieces[2 * i + 1] for i in range(len(self.slots))]
         views = [v.view(s.shape) if self.trainable else v.view(s.dtype).view(s.shape) for v, s in zip(views, self.slots)]
         self._point_at(views)
+
+    def _free_before_concatenating_grads(self, grads) -> None:
+        """Backward of the split into views is about to concatenate the views' gradients into ``full.grad``.
+        Every node that used these parameters has run (each produced its parameter's gradient), so the
+        gathered values are dead: free them before the concatenation allocates a whole-size gradient,
+        instead of at the unit's post-backward (as FSDP2 reshards before it reduce-scatters)."""
+        self.free()
 
     def point_module_at_placeholders(self) -> None:
         """While freed, attributes hold meta tensors: shape and dtype readable, values refused (no dangling views)."""
