@@ -78,6 +78,6 @@ def test_auto_uses_the_torch_path_on_cpu(monkeypatch):
 
     qw = nf4.quantize(torch.randn(64))
     calls = []
-    monkeypatch.setattr(module, "dequantize_torch", lambda q, dtype: calls.append(dtype) or torch.zeros(64))
+    monkeypatch.setattr(module, "dequantize_torch", lambda q, dtype, out: calls.append(dtype) or torch.zeros(64))
     nf4.dequantize(qw)
     assert calls == [torch.float32]

@@ -1,0 +1,140 @@
+"""The fast PyTorch path of quantize and dequantize: the arithmetic of ``reference.py``, reorganised for speed.
+
+Same bytes and values as the reference (tested bit for bit); only the order of work differs:
+
+* **Chunks into reused buffers.** The weight is processed a chunk of blocks at a time into
+  preallocated buffers, so no weight-sized fp32 temporary is allocated (and page-faulted). Chunks are
+  cache-sized on CPU and large on a GPU (fewer launches).
+* **Quantize, nearest code by cells.** The 15 midpoints are at least 0.08 apart, so cutting [-2, 2) into
+  cells of width 1/32 leaves at most one midpoint per cell. A table gives, per cell, how many midpoints
+  lie below the cell; one comparison with the next midpoint finishes:
+      code = below[cell(x)] + (x > midpoint[below[cell(x)]])
+  Rounding can put x into a neighbouring cell only when x is within ~1e-7 of a cell edge, and no
+  midpoint is that close to an edge (the nearest is 1.7e-3 away, asserted below), so the count is exact.
+* **Quantize, pack in one shift.** Viewed as int64, a pair of int32 codes (c0, c1) is c0 + (c1 << 32)
+  (little endian), so ((v << 4) | (v >> 32)) holds (c0 << 4) | c1 in its low byte.
+* **Quantize, one host sync.** Finiteness (NaN/Inf in the weight, overflow in double quantization) is
+  checked once per tensor, at the end, by the caller; NaN cannot derail the chunks meanwhile (cell
+  indices are clamped into the table).
+* **Dequantize, one gather per byte.** A 256-entry table maps a byte to its PAIR of fp32 levels (8
+  bytes, gathered as one int64), then one in-place multiply by the block's absmax and one converting
+  copy into the output (rounding once, as the reference).
+* **Dequantize, threads without barriers.** With N torch threads, N workers each take a contiguous
+  range of blocks and run its chunks with ops smaller than torch's parallel grain (32768 values), so
+  no op starts an OpenMP team: the workers never wait on each other until the end (torch ops release
+  the GIL). Many small parallel ops would each end in a barrier, and on a busy machine every barrier
+  waits for a descheduled thread.
+"""
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .codebook import NF4_CODE
+from .quantized_weight import QuantizedWeight
+from .reference import NF4_MIDPOINTS, SMALLEST_ABSMAX
+
+_CELLS_PER_UNIT = 32
+_TORCH_GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: smaller element-wise ops run on the calling thread
+
+
+def chunk_values(device: torch.device) -> int:
+    """Values per chunk: fp32 temporaries cache-sized on CPU; on a GPU few launches (~0.6 GB of temporaries)."""
+    return 1 << 20 if device.type == "cpu" else 1 << 25
+
+
+@functools.lru_cache(maxsize=None)
+def _cell_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 midpoints-below per cell, fp32 midpoints + inf); cell c covers [c/32 - 2, (c+1)/32 - 2)."""
+    edges = torch.arange(4 * _CELLS_PER_UNIT + 2, dtype=torch.float64) / _CELLS_PER_UNIT - 2
+    midpoints = NF4_MIDPOINTS.double()
+    assert (midpoints[:, None] - edges[None, :]).abs().min() > 1e-4, "a midpoint sits on a cell edge"
+    assert torch.bincount(torch.bucketize(midpoints, edges, right=True)).max() <= 1, "two midpoints in one cell"
+    below = torch.bucketize(edges, midpoints).to(torch.int32)  # number of midpoints < each cell's left edge
+    next_midpoint = torch.cat([NF4_MIDPOINTS, torch.tensor([float("inf")])])
+    return below.to(device), next_midpoint.to(device)
+
+
+def quantize_full_blocks(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor) -> None:
+    """Fill ``absmax`` (fp32[n_blocks]) and ``packed`` for a [n_blocks, block_size] view; no host sync."""
+    n_blocks, block_size = blocks.shape
+    device = blocks.device
+    rows = min(n_blocks, max(1, chunk_values(device) // block_size))
+    below, next_midpoint = _cell_tables(device)
+    scaled = torch.empty(rows, block_size, dtype=torch.float32, device=device)
+    scratch = torch.empty(rows * block_size, dtype=torch.float32, device=device)
+    cell = torch.empty(rows * block_size, dtype=torch.int32, device=device)
+    codes = torch.empty(rows * block_size, dtype=torch.int32, device=device)
+    above = torch.empty(rows * block_size, dtype=torch.bool, device=device)
+    pair_bits = torch.empty(rows * block_size // 2, dtype=torch.int64, device=device)
+    for start in range(0, n_blocks, rows):
+        k = min(rows, n_blocks - start)
+        m = k * block_size
+        x = scaled[:k]
+        x.copy_(blocks[start : start + k])  # to fp32
+        # max |w| = max(max w, -min w): no |w| temporary (and amax + amin beat aminmax on CPU)
+        chunk_absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_(), out=absmax[start : start + k])
+        x.mul_((1.0 / chunk_absmax.clamp(min=SMALLEST_ABSMAX))[:, None])
+        x = x.view(-1)
+        torch.mul(x, _CELLS_PER_UNIT, out=scratch[:m]).add_(2 * _CELLS_PER_UNIT)  # cell = trunc((x + 2) * 32)
+        cell[:m].copy_(scratch[:m]).clamp_(0, 4 * _CELLS_PER_UNIT)  # the clamp only matters for NaN
+        torch.index_select(below, 0, cell[:m], out=codes[:m])
+        torch.index_select(next_midpoint, 0, codes[:m], out=scratch[:m])
+        codes[:m].add_(torch.gt(x, scratch[:m], out=above[:m]))
+        v, p = codes[:m].view(torch.int64), pair_bits[: m // 2]
+        torch.bitwise_left_shift(v, 4, out=p).bitwise_or_(v >> 32)
+        packed[start * block_size // 2 : start * block_size // 2 + m // 2].copy_(p)  # keeps the low byte
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_to_pair_bits(device: torch.device) -> torch.Tensor:
+    """int64[256]: entry b holds the fp32 pair (level of b's high nibble, level of b's low nibble)."""
+    byte = torch.arange(256)
+    pairs = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 0xF]], dim=1).contiguous()
+    return pairs.view(torch.int64).view(256).to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nf4-dequantize")
+
+
+def _dequantize_range(packed, absmax, out, block_size, first, last, chunk) -> None:
+    """out[first*bs : last*bs] for the blocks first..last-1, ``chunk`` values at a time."""
+    rows = max(1, min(last - first, chunk // block_size))
+    half = rows * block_size // 2
+    byte_index = torch.empty(half, dtype=torch.int64, device=out.device)
+    # fp32 output: gather straight into it (viewed as int64 pairs), no converting copy
+    fp32_out = out.dtype == torch.float32 and out.storage_offset() % 2 == 0
+    levels = None if fp32_out else torch.empty(half, dtype=torch.int64, device=out.device)
+    pair_bits = _byte_to_pair_bits(out.device)
+    for start in range(first, last, rows):
+        k = min(rows, last - start)
+        values = out[start * block_size : (start + k) * block_size]
+        idx = byte_index[: k * block_size // 2]
+        idx.copy_(packed[start * block_size // 2 : (start + k) * block_size // 2])
+        pairs = values.view(torch.int64) if fp32_out else levels[: k * block_size // 2]
+        torch.index_select(pair_bits, 0, idx, out=pairs)
+        product = pairs.view(torch.float32).view(k, block_size).mul_(absmax[start : start + k, None])
+        if not fp32_out:
+            values.view(k, block_size).copy_(product)  # the one rounding to bf16/fp16
+
+
+def dequantize_into(qw: QuantizedWeight, absmax: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write qw's values into ``out`` (flat, contiguous, any float dtype), given its fp32 block absmax."""
+    n, bs = qw.numel, qw.block_size
+    n_full = n // bs
+    threads = torch.get_num_threads() if out.device.type == "cpu" else 1
+    if threads == 1 or n_full * bs < threads * _TORCH_GRAIN:
+        _dequantize_range(qw.packed, absmax, out, bs, 0, n_full, chunk_values(out.device))
+    else:
+        cuts = [n_full * i // threads for i in range(threads + 1)]
+        jobs = [_workers().submit(_dequantize_range, qw.packed, absmax, out, bs, cuts[i], cuts[i + 1], _TORCH_GRAIN)
+                for i in range(threads)]
+        for job in jobs:
+            job.result()
+    if n_full * bs < n:  # the last, partial block
+        pairs = _byte_to_pair_bits(out.device)[qw.packed[n_full * bs // 2 :].long()].view(torch.float32)
+        out[n_full * bs :] = pairs[: n - n_full * bs] * absmax[-1]
+    return out
