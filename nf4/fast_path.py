@@ -19,11 +19,11 @@ Same bytes and values as the reference (tested bit for bit); only the order of w
 * **Dequantize, one gather per byte.** A 256-entry table maps a byte to its PAIR of fp32 levels (8
   bytes, gathered as one int64), then one in-place multiply by the block's absmax and one converting
   copy into the output (rounding once, as the reference).
-* **Dequantize, threads without barriers.** With N torch threads, N workers each take a contiguous
-  range of blocks and run its chunks with ops smaller than torch's parallel grain (32768 values), so
-  no op starts an OpenMP team: the workers never wait on each other until the end (torch ops release
-  the GIL). Many small parallel ops would each end in a barrier, and on a busy machine every barrier
-  waits for a descheduled thread.
+* **Threads without barriers (CPU, both directions).** With N torch threads, N workers each take a
+  contiguous range of blocks and run its chunks with ops no larger than torch's parallel grain (32768
+  values), so an op does not start an OpenMP team: the workers wait on each other once, at the end
+  (torch ops release the GIL). Hundreds of parallel ops would each end in a barrier, and on a busy
+  machine every barrier waits for a descheduled thread.
 """
 import functools
 import os
@@ -56,11 +56,36 @@ def _cell_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return below.to(device), next_midpoint.to(device)
 
 
+def _over_threads(work, n_blocks: int, block_size: int, device: torch.device) -> None:
+    """Run ``work(first_block, last_block, chunk_values)`` over all blocks: inline with one torch thread (or
+    on a GPU) in large chunks; else split into contiguous ranges, one per thread, in grain-sized chunks."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads == 1 or n_blocks * block_size < threads * _TORCH_GRAIN:
+        work(0, n_blocks, chunk_values(device))
+        return
+    cuts = [n_blocks * i // threads for i in range(threads + 1)]
+    jobs = [_workers().submit(work, cuts[i], cuts[i + 1], _TORCH_GRAIN) for i in range(threads)]
+    for job in jobs:
+        job.result()
+
+
 def quantize_full_blocks(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor) -> None:
     """Fill ``absmax`` (fp32[n_blocks]) and ``packed`` for a [n_blocks, block_size] view; no host sync."""
     n_blocks, block_size = blocks.shape
+
+    def work(first, last, chunk):
+        half = block_size // 2
+        _quantize_range(blocks[first:last], absmax[first:last], packed[first * half : last * half], chunk)
+
+    _over_threads(work, n_blocks, block_size, blocks.device)
+
+
+def _quantize_range(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor, chunk: int) -> None:
+    n_blocks, block_size = blocks.shape
+    if n_blocks == 0:
+        return
     device = blocks.device
-    rows = min(n_blocks, max(1, chunk_values(device) // block_size))
+    rows = min(n_blocks, max(1, chunk // block_size))
     below, next_midpoint = _cell_tables(device)
     scaled = torch.empty(rows, block_size, dtype=torch.float32, device=device)
     scratch = torch.empty(rows * block_size, dtype=torch.float32, device=device)
@@ -102,6 +127,8 @@ def _workers() -> ThreadPoolExecutor:
 
 def _dequantize_range(packed, absmax, out, block_size, first, last, chunk) -> None:
     """out[first*bs : last*bs] for the blocks first..last-1, ``chunk`` values at a time."""
+    if last == first:
+        return
     rows = max(1, min(last - first, chunk // block_size))
     half = rows * block_size // 2
     byte_index = torch.empty(half, dtype=torch.int64, device=out.device)
@@ -125,15 +152,11 @@ def dequantize_into(qw: QuantizedWeight, absmax: torch.Tensor, out: torch.Tensor
     """Write qw's values into ``out`` (flat, contiguous, any float dtype), given its fp32 block absmax."""
     n, bs = qw.numel, qw.block_size
     n_full = n // bs
-    threads = torch.get_num_threads() if out.device.type == "cpu" else 1
-    if threads == 1 or n_full * bs < threads * _TORCH_GRAIN:
-        _dequantize_range(qw.packed, absmax, out, bs, 0, n_full, chunk_values(out.device))
-    else:
-        cuts = [n_full * i // threads for i in range(threads + 1)]
-        jobs = [_workers().submit(_dequantize_range, qw.packed, absmax, out, bs, cuts[i], cuts[i + 1], _TORCH_GRAIN)
-                for i in range(threads)]
-        for job in jobs:
-            job.result()
+
+    def work(first, last, chunk):
+        _dequantize_range(qw.packed, absmax, out, bs, first, last, chunk)
+
+    _over_threads(work, n_full, bs, out.device)
     if n_full * bs < n:  # the last, partial block
         pairs = _byte_to_pair_bits(out.device)[qw.packed[n_full * bs // 2 :].long()].view(torch.float32)
         out[n_full * bs :] = pairs[: n - n_full * bs] * absmax[-1]

@@ -36,13 +36,15 @@ def test_fast_path_equals_reference(shape, dtype, block_size):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_threaded_dequantize_equals_reference(threads):
-    """Several workers over contiguous block ranges (and the serial path) give the reference's values."""
+def test_threaded_paths_equal_reference(threads):
+    """Several workers over contiguous block ranges (and the serial path) give the reference's bytes and values."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(threads)
-        qw = nf4.quantize(torch.randn(300, 1000) * 2)  # 300000 values: above the threaded path's threshold
+        w = torch.randn(300, 1000) * 2  # 300000 values: above the threaded path's threshold
+        qw = nf4.quantize(w)
+        assert_same_weight(qw, nf4.quantize_reference(w))
         for dtype in DTYPES:
             assert torch.equal(nf4.dequantize(qw, dtype), nf4.dequantize_reference(qw, dtype))
     finally:
