@@ -122,7 +122,10 @@ def _byte_to_pair_bits(device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _workers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nf4-dequantize")
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nf4-worker")
+
+
+os.register_at_fork(after_in_child=_workers.cache_clear)  # a forked child has none of the parent's threads
 
 
 def _dequantize_range(packed, absmax, out, block_size, first, last, chunk) -> None:

@@ -88,6 +88,8 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize ``qw`` with one launch (CUDA, or CPU under TRITON_INTERPRET=1), into ``out`` if given."""
     n = qw.numel
+    if n >= 2**31:
+        raise ValueError(f"qw has {n} values; the Triton kernel indexes with int32 (< 2**31): use backend='torch'")
     out = torch.empty(n, dtype=dtype, device=qw.device) if out is None else out
     nf4_code, dyn_code = _tables(qw.device)
     double = qw.double_quant
