@@ -37,7 +37,7 @@ _workspaces = threading.local()
 def _dense_weight(layer: "Linear4bit", dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight dequantized to ``dtype``; on CPU into this thread's reused workspace."""
     qw = layer.weight
-    if qw.device.type != "cpu":
+    if qw.device.type != "cpu" or type(qw.packed.data) is not torch.Tensor:  # a GPU, or fake/meta tensors
         return qw.dequantize(dtype)
     buffers = _workspaces.__dict__
     if dtype not in buffers or buffers[dtype].numel() < qw.numel:
