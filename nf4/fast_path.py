@@ -129,26 +129,35 @@ os.register_at_fork(after_in_child=_workers.cache_clear)  # a forked child has n
 
 
 def _dequantize_range(packed, absmax, out, block_size, first, last, chunk) -> None:
-    """out[first*bs : last*bs] for the blocks first..last-1, ``chunk`` values at a time."""
+    """out[first*bs : last*bs] for the blocks first..last-1, ``chunk`` values at a time.
+
+    The per-chunk views are cut up front (``split``) and the scratch views made once, so each chunk
+    costs four torch calls: with small chunks (threaded path) Python overhead is what limits speed.
+    """
     if last == first:
         return
     rows = max(1, min(last - first, chunk // block_size))
-    half = rows * block_size // 2
-    byte_index = torch.empty(half, dtype=torch.int64, device=out.device)
+    half = block_size // 2
+    sources = packed[first * half : last * half].split(rows * half)                     # bytes per chunk
+    scales = absmax[first:last, None].split(rows)                                       # [k, 1] fp32
+    targets = out[first * block_size : last * block_size].view(-1, block_size).split(rows)  # [k, bs]
+    byte_index = torch.empty(rows * half, dtype=torch.int64, device=out.device)
     # fp32 output: gather straight into it (viewed as int64 pairs), no converting copy
     fp32_out = out.dtype == torch.float32 and out.storage_offset() % 2 == 0
-    levels = None if fp32_out else torch.empty(half, dtype=torch.int64, device=out.device)
+    levels = torch.empty(rows * half, dtype=torch.int64, device=out.device)
+    products = levels.view(torch.float32).view(rows, block_size)
     pair_bits = _byte_to_pair_bits(out.device)
-    for start in range(first, last, rows):
-        k = min(rows, last - start)
-        values = out[start * block_size : (start + k) * block_size]
-        idx = byte_index[: k * block_size // 2]
-        idx.copy_(packed[start * block_size // 2 : (start + k) * block_size // 2])
-        pairs = values.view(torch.int64) if fp32_out else levels[: k * block_size // 2]
+    for source, scale, target in zip(sources, scales, targets):
+        k = target.shape[0]
+        idx = byte_index if k == rows else byte_index[: k * half]
+        idx.copy_(source)
+        if fp32_out:
+            torch.index_select(pair_bits, 0, idx, out=target.view(torch.int64).view(-1))
+            target.mul_(scale)
+            continue
+        pairs, product = (levels, products) if k == rows else (levels[: k * half], products[:k])
         torch.index_select(pair_bits, 0, idx, out=pairs)
-        product = pairs.view(torch.float32).view(k, block_size).mul_(absmax[start : start + k, None])
-        if not fp32_out:
-            values.view(k, block_size).copy_(product)  # the one rounding to bf16/fp16
+        target.copy_(product.mul_(scale))  # fp32 product, then the one rounding to bf16/fp16
 
 
 def dequantize_into(qw: QuantizedWeight, absmax: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
