@@ -195,3 +195,21 @@ def test_resume_refuses_another_template_or_packing(tiny_model, tmp_path):
     for changed in (["--template", "llama3"], ["--no-packing"], ["--train-on-prompt"]):
         with pytest.raises(RuntimeError, match=r"settings differ from the checkpoint's: \{'data'"):
             run_on_ranks(_train, 1, args=(tiny_model, tmp_path, {"run": [*flags, "--resume", *changed]}), timeout_s=300)
+
+
+def test_chat_prompts_use_the_template_saved_with_the_adapter(tmp_path):
+    import llama
+    from recipe.build import DEFAULT_MODEL
+    from recipe.instruct import BUILTIN
+    from recipe.instruct.corpus import chat_prompt, held_out_questions, load_splits
+
+    tokenizer = llama.ByteTokenizer()
+    data = write_jsonl(tmp_path / "chat.jsonl", "chat", n=40)
+    _, held = load_splits(data, tokenizer, DEFAULT_MODEL, "llama3", 256)
+    question = held_out_questions(held, tokenizer, 1)[0]
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "chat_template.jinja").write_text(BUILTIN["llama3"])
+    assert chat_prompt(DEFAULT_MODEL, tmp_path / "adapter", tokenizer, question.text) == question.prompt_ids
+    assert tokenizer.decode(question.prompt_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    plain = tokenizer.decode(chat_prompt(DEFAULT_MODEL, None, tokenizer, "Hi"))  # the bundled model has none: chatml
+    assert plain == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dataset import InstructData, load_instruct
-from .encode import TextEncoder
+from .encode import TextEncoder, special_tokens
+from .templates import ChatTemplate, load_template
 
 DATA = Path(__file__).resolve().parent / "data"
 BUNDLED_TRAIN, BUNDLED_HELDOUT = DATA / "train.jsonl", DATA / "heldout.jsonl"
@@ -56,3 +57,15 @@ def held_out_questions(data: InstructData, tokenizer, n: int) -> list[Question]:
         questions.append(Question(messages[first - 1]["content"], messages[first]["content"],
                                   encoder.encode(prompt)[0]))
     return questions
+
+
+def chat_prompt(model_dir, adapter_dir, tokenizer, text: str) -> list[int]:
+    """The ids of a one-turn conversation ``text``, rendered with the generation prompt in the template
+    the adapter was trained with (its ``chat_template.jinja``, written by the main job), else the
+    checkpoint's own, else ``chatml`` (``--template auto``): what ``recipe.generate --chat`` sends."""
+    special = special_tokens(model_dir, tokenizer)
+    saved = Path(adapter_dir) / "chat_template.jinja" if adapter_dir is not None else None
+    template = (ChatTemplate(saved.read_text(encoding="utf-8"), special, name="adapter") if saved and saved.is_file()
+                else load_template(model_dir, special, "auto"))
+    rendered = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+    return TextEncoder(tokenizer, special).encode(rendered)[0]
