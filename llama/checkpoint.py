@@ -120,6 +120,9 @@ def _read_entry(name: str, keys: list[str], files: dict[str, Path], handles: dic
 
     if keys == [name]:
         tensor = read(name)
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{files[name]}: tensor {name!r} is {tensor.dtype}; a Llama weight must be floating "
+                             "point (a 4-bit weight comes with its bitsandbytes quant_state entries)")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{files[name]}: tensor {name!r} has shape {tuple(tensor.shape)} "
                              f"but config.json implies {shape}")
