@@ -12,10 +12,11 @@ BUNDLED = "assets/tiny-llama"
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
-    """A tiny random Llama (GQA, llama3 rope scaling) saved by transformers."""
+    """A tiny random Llama (GQA, llama3 rope scaling) saved by transformers; every linear has a multiple of
+    32 outputs (what bitsandbytes' CPU 4-bit kernel needs)."""
     transformers = reference("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
