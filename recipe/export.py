@@ -10,8 +10,9 @@ Each adapted weight becomes ``W + s B A`` (LoRA / rsLoRA) or ``m / ||W + s B A||
 (DoRA), computed in fp32 by ``lora.LoRALinear.merge`` -- what PEFT's ``merge_and_unload`` computes --
 then cast to ``--dtype``. Streamed: the base is read one decoder layer at a time
 (``llama.iter_checkpoint``, memory-mapped), each merged tensor is written straight into its shard
-(``llama.hf_writer``), and only the adapter stays resident, so the peak is about two layers plus the
-embeddings (a 70B export fits a 64 GB machine). The output directory appears all at once.
+(``llama.hf_writer``) and dropped, and only the adapter stays resident: the peak is one weight matrix
+and its fp32 merge temporaries, within the bound of two layers plus the embeddings (a 70B export fits
+a 64 GB machine). The output directory appears all at once.
 
 ``--quant nf4``: the adapter was trained over an NF4 base, so the base is first rounded through NF4
 (quantize, dequantize) and the update added to that dequantized base, as QLoRA users merge; a
@@ -98,15 +99,15 @@ def export(model_dir, adapter_dir, out, dtype=torch.bfloat16, max_shard_bytes: i
     with atomic_directory(out) as tmp:
         writer = StreamingWriter(tmp, stream_order(config), dtype, max_shard_bytes)
         for _, tensors in llama.iter_checkpoint(model_dir, config):
-            for name, value in tensors.items():
+            for name in list(tensors):
+                value = tensors.pop(name)  # dropped once written: its mapped pages are released
                 if (isinstance(value, dict) or quant == "nf4") and not said_dequantized:
                     log("the base is 4-bit (NF4): exporting the dequantized base plus the merged update")
                     said_dequantized = True
                 weight = base_weight(name, value, quant)
                 layer = adapted.get(name.removesuffix(".weight"))
                 writer.write(name, weight if layer is None else merged(layer, weight))
-                del weight
-            del tensors
+                del value, weight
         files = writer.finish(config.to_hf())
         for file in TOKENIZER_FILES:
             if (model_dir / file).is_file():
