@@ -1,6 +1,6 @@
 """python -m recipe.export: merge a LoRA adapter into its base and write a Hugging Face checkpoint.
 
-    python -m recipe.export --model assets/tiny-llama --adapter runs/x/adapter --out merged/ --dtype bf16
+    python -m recipe.export --model llama/assets/tiny-llama --adapter runs/x/adapter --out merged/ --dtype bf16
 
 The result is a plain Llama checkpoint -- sharded safetensors, ``model.safetensors.index.json``,
 ``config.json`` and the base's tokenizer files -- that ``transformers.AutoModelForCausalLM``,

@@ -1,6 +1,6 @@
 """python -m recipe.generate: continue a prompt with a Llama, base or fine-tuned, streaming the text.
 
-    python -m recipe.generate --model assets/tiny-llama --prompt "def main():" --max-new-tokens 80
+    python -m recipe.generate --model llama/assets/tiny-llama --prompt "def main():" --max-new-tokens 80
     python -m recipe.generate --model DIR --adapter runs/x/adapter --quant nf4 --prompts prompts.txt
 
 One process, no sharding: the checkpoint is streamed layer by layer (``llama.load_checkpoint``), each

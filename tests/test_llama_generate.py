@@ -5,9 +5,10 @@ import torch
 from reference_libs import reference
 
 import llama
+from llama.pretrain import BUNDLED_MODEL
 from llama.generate import Sampling, next_token
 
-BUNDLED = "assets/tiny-llama"
+BUNDLED = str(BUNDLED_MODEL)
 
 
 @pytest.fixture(scope="module")

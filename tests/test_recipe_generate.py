@@ -5,11 +5,12 @@ from reference_libs import reference
 from test_llama_generate import hf_greedy, random_checkpoint  # noqa: F401 (a fixture)
 
 import llama
+from llama.pretrain import BUNDLED_MODEL
 import lora
 from recipe import generate as cli
 from recipe.cli_errors import run
 
-BUNDLED = "assets/tiny-llama"
+BUNDLED = str(BUNDLED_MODEL)
 
 
 def random_adapter(model_dir, directory, **options):
