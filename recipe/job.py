@@ -219,9 +219,7 @@ def answer_questions(config: JobConfig, corpus: Corpus, adapter) -> list[str]:
     eos = TextEncoder(tokenizer, corpus.template.special_tokens).eos_token_id
     model_dir = config.build.model
     model = (llama.load_checkpoint(None, model_dir) if adapter is None else load_onto_base(model_dir, adapter)).float()
-    from llama.generate import generate
-
-    outputs = generate(model.eval(), [q.prompt_ids for q in corpus.questions], max_new_tokens=96, stop_ids=[eos])
+    outputs = llama.generate(model.eval(), [q.prompt_ids for q in corpus.questions], max_new_tokens=96, stop_ids=[eos])
     return [tokenizer.decode([t for t in out if t != eos]).strip() for out in outputs]
 
 

@@ -213,3 +213,13 @@ def test_chat_prompts_use_the_template_saved_with_the_adapter(tmp_path):
     assert tokenizer.decode(question.prompt_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     plain = tokenizer.decode(chat_prompt(DEFAULT_MODEL, None, tokenizer, "Hi"))  # the bundled model has none: chatml
     assert plain == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_generate_chat_sends_the_rendered_conversation():
+    import llama
+    from recipe.build import DEFAULT_MODEL
+    from recipe.generate import main
+    from recipe.instruct.corpus import chat_prompt
+
+    report = main(["--model", str(DEFAULT_MODEL), "--chat", "--prompt", "What is heapq for?", "--max-new-tokens", "2"])
+    assert report["prompt_tokens"] == len(chat_prompt(DEFAULT_MODEL, None, llama.ByteTokenizer(), "What is heapq for?"))
