@@ -81,7 +81,8 @@ def jsonl_corpus(config: JobConfig, tokenizer) -> Corpus:
                   + ("every token" if config.train_on_prompt or train.format == "plain" else "the responses only"))
     fingerprint = {"kind": "jsonl", "train": train.fingerprint(), "heldout": held.fingerprint(),
                    "packing": config.packing}
-    return Corpus(rows[0], rows[1], report, fingerprint, held_out_questions(held, tokenizer, config.samples),
+    samples = config.samples if config.samples is not None else (4 if config.data is None else 0)
+    return Corpus(rows[0], rows[1], report, fingerprint, held_out_questions(held, tokenizer, samples),
                   train.template if train.format != "plain" else None)
 
 

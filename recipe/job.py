@@ -48,7 +48,8 @@ class JobConfig:
     packing: bool = True                # JSONL: pack examples into seq_len rows (else pad per batch)
     train_on_prompt: bool = False       # JSONL: count the prompt tokens in the loss too
     drop_long: bool = False             # JSONL: drop examples longer than seq_len (else truncate them)
-    samples: int = 4                    # held-out questions answered greedily before and after
+    samples: int | None = None          # held-out questions answered before and after (rank 0 loads the whole
+                                        # base for it); None: 4 for the bundled set, 0 for other data
     tokenizer: str = "auto"             # "auto": the checkpoint's; "byte": the byte tokenizer
     seq_len: int = 256
     batch_size: int = 4                 # sequences per rank per micro-batch

@@ -78,6 +78,16 @@ def test_grad_accumulation_and_ranks_take_the_token_weighted_step(tiny_model, tm
         "accum4": ["--grad-accum", "4", "--batch-size", "1", *common], "batch4": ["--batch-size", "4", *common]}), timeout_s=300)
     two = start_on_ranks(_train, 2, args=(tiny_model, tmp_path, {"ranks2": ["--batch-size", "2", *common]}), timeout_s=300)
     one.results(), two.results()
+    from recipe.corpus import load_corpus
+    from recipe.data import Sampler
+    from recipe.instruct.loss import count_targets
+    from recipe.train import job_config, parse_args
+    import llama
+
+    config = job_config(parse_args(["--model", str(tiny_model), "--batch-size", "2", *common]))
+    rows = load_corpus(config, llama.LlamaConfig.from_hf(tiny_model), world=2).train
+    per_rank = [count_targets(Sampler(rows, 2, rank, 2).next_batch().labels) for rank in range(2)]
+    assert per_rank[0] != per_rank[1], per_rank  # the ranks hold different numbers of target tokens
     targets = [r["targets"] for r in records(tmp_path / "batch4")]
     assert len(set(targets)) == 2, targets  # the two global batches hold different numbers of targets
     assert_same_step(tmp_path / "accum4", tmp_path / "batch4")
@@ -158,9 +168,13 @@ def test_three_jsonl_formats_train_on_two_ranks_with_every_swap(tiny_model, tmp_
         assert f"{fmt}.jsonl (train part of the CRC32 split): " in result.stdout and f" {fmt} examples" in result.stdout
         ours = torch.tensor([r["loss"] for r in records(tmp_path / f"{fmt}-ours")])
         assert len(ours) == 3 and torch.isfinite(ours).all()
+        ours_norms = torch.tensor([r["grad_norm"] for r in records(tmp_path / f"{fmt}-ours")])
         for swap, tolerance in (("bnb", 1e-4), ("fsdp2", 1e-4), ("peft", 1e-3)):
             theirs = torch.tensor([r["loss"] for r in records(tmp_path / f"{fmt}-{swap}")])
             torch.testing.assert_close(theirs, ours, rtol=tolerance, atol=0, msg=f"{fmt} --{swap} differs")
+            # the gradient's scale too (AdamW's step hides it): FSDP2 averages over ranks, as ours does
+            norms = torch.tensor([r["grad_norm"] for r in records(tmp_path / f"{fmt}-{swap}")])
+            torch.testing.assert_close(norms, ours_norms, rtol=10 * tolerance, atol=0, msg=f"{fmt} --{swap} grad norm")
             assert (tmp_path / f"{fmt}-{swap}" / "adapter" / "adapter_model.safetensors").is_file()
     assert "targets: every token" in result.stdout and "targets: the responses only" in result.stdout
 
