@@ -237,3 +237,24 @@ def test_generate_chat_sends_the_rendered_conversation():
 
     report = main(["--model", str(DEFAULT_MODEL), "--chat", "--prompt", "What is heapq for?", "--max-new-tokens", "2"])
     assert report["prompt_tokens"] == len(chat_prompt(DEFAULT_MODEL, None, llama.ByteTokenizer(), "What is heapq for?"))
+
+
+def test_a_restored_sampler_draws_the_same_packed_batches(tmp_path):
+    import llama
+    from recipe.data import Sampler
+    from recipe.instruct.batching import ExampleRows
+    from recipe.instruct.dataset import load_instruct
+
+    data = load_instruct(write_jsonl(tmp_path / "chat.jsonl", "chat", n=60), llama.ByteTokenizer(), None, "chatml", 128)
+    for packing in (True, False):
+        rows = ExampleRows(data.examples, 128, packing)
+        sampler = Sampler(rows, batch_size=2, rank=1, world_size=2, seed=5)
+        for _ in range(7):  # past the end of the first epoch
+            sampler.next_batch()
+        state, expected = sampler.state_dict(), [sampler.next_batch() for _ in range(4)]
+        resumed = Sampler(rows, batch_size=2, rank=1, world_size=2, seed=5)
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint's JSON stores it
+        for want in expected:
+            got = resumed.next_batch()
+            for field in ("input_ids", "labels", "position_ids", "attention_mask"):
+                assert torch.equal(getattr(got, field), getattr(want, field)), (packing, field)
