@@ -92,12 +92,15 @@ def test_two_nodes_train_like_one_process_with_the_whole_batch(two_nodes_of_two)
     for index, (name, _) in enumerate(JOBS):
         torch.testing.assert_close(curve(out / f"{index}-{name}.metrics.jsonl"), reference, rtol=1e-4, atol=0,
                                    msg=f"job {index} ({name}) on 2 nodes x 2 ranks")
+    # The adapter gathered from the 2-D layout. AdamW moves an entry whose gradient is near zero by about
+    # lr whatever that gradient's size, so rounding differences of the reductions show as up to a few 1e-5
+    # here (measured: 3.3e-5): 1e-4 is under 1% of the 4 x lr = 1.2e-2 an entry can move in 4 steps.
     ours = load_file(str(out / "ours" / "adapter" / "adapter_model.safetensors"))
-    for name in ("hybrid", "fsdp2-hybrid", "one-process"):  # the adapter gathered from the 2-D layout
+    for name in ("hybrid", "fsdp2-hybrid", "one-process"):
         theirs = load_file(str(out / name / "adapter" / "adapter_model.safetensors"))
         assert theirs.keys() == ours.keys()
         for key in ours:
-            torch.testing.assert_close(theirs[key], ours[key], rtol=1e-3, atol=1e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=1e-4, msg=f"{name}: {key}")
 
 
 @pytest.mark.slow
