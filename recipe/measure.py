@@ -50,14 +50,38 @@ def random_checkpoint(preset: str, layers: int, directory: Path, seed: int = 0) 
 def run(model_dir: Path, out: Path, args) -> dict:
     """Train ``--steps`` steps on ``--nproc`` ranks with memory tracking; return summary.json."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-               "-m", "recipe.train", "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps),
+               "-m", "recipe.phase_memory", "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
                "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant,
                "--tokenizer", "byte", "--dtype", args.dtype, "--device", args.device]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    for rank, record in enumerate(summary["ranks"]):
+        record["phases"] = json.loads((out / f"phase_peaks_rank{rank}.json").read_text())
+    return summary
+
+
+def compare(planned, measured_phases: dict) -> tuple[list[str], dict]:
+    """Planned vs measured per component at each phase's peak (persistent included), and the peaks."""
+    lines, result = [], {}
+    for phase, parts in planned.phases.items():
+        measured = measured_phases.get(phase, {})
+        planned_parts = {"persistent": planned.persistent_device_bytes, **parts}
+        lines.append(f"{phase}: planned {sum(planned_parts.values()) / 2**20:.1f} MiB"
+                     + (f", measured {measured['total'] / 2**20:.1f} MiB" if measured else ""))
+        for name in sorted(set(planned_parts) | set(measured) - {"total", "storages"}):
+            p, m = planned_parts.get(name, 0), measured.get(name, 0)
+            if p or m > 2**20:
+                lines.append(f"    {name:<20} planned {p / 2**20:>9.1f}  measured {m / 2**20:>9.1f}"
+                             + (f"  ratio {p / m:.3f}" if m else ""))
+        result[phase] = {"planned": planned_parts, "measured": measured}
+    for kind, measured in measured_phases.items():
+        lines.append(f"live at the measured peak of '{kind}' (storages >= 8 MiB): " + ", ".join(
+            f"{n / 2**20:.0f} {component} ({op.split('.')[1] if '.' in op else op})"
+            for n, op, component in measured["storages"]))
+    return lines, result
 
 
 def main(argv=None) -> dict:
@@ -93,7 +117,10 @@ def main(argv=None) -> dict:
               "measured_gib": [(r["peak_device_mib"] if args.device == "cuda" else r["peak_tensor_mib"]) / 1024
                                for r in summary["ranks"]],
               "load_peak_rss_gib": [r["load_peak_rss_mib"] / 1024 for r in summary["ranks"]],
-              "rows": [(name, b / GiB) for name, b, _, _ in planned.rows]}
+              "rows": [(name, b / GiB) for name, b, _, _ in planned.rows],
+              "peak_phase": planned.peak_phase, "measured_phases": summary["ranks"][0]["phases"]}
+    lines, result["phases"] = compare(planned, summary["ranks"][0]["phases"])
+    print("\n".join(lines))
     for rank, measured in enumerate(result["measured_gib"]):
         print(f"rank {rank}: planned {result['planned_gib']:.3f} GiB, measured peak on {args.device} {measured:.3f} GiB "
               f"(planned / measured = {result['planned_gib'] / measured:.3f}), "

@@ -123,23 +123,52 @@ def layer_activation_bytes(shape: llama.LlamaConfig, setup: Setup) -> int:
     return setup.batch_size * setup.seq_len * per_token + 2 * setup.seq_len * head_dim * c
 
 
+# The components the phases are made of; recipe.phase_memory files measured storages under the same names.
+PERSISTENT_ROWS = ("NF4 codes", "frozen weights", "absmax", "embeddings", "LoRA fp32")
+FRAGMENTATION = 0.05   # reserved / allocated - 1 assumed for the caching allocator (see ``Plan.reserved_bytes``)
+
+
 @dataclasses.dataclass
 class Plan:
-    """Rows of (name, bytes per rank, where, what) and the peak, per rank."""
+    """Rows of (name, bytes per rank, where, what); ``phases``: {phase: {component: bytes}} of what is live
+    together at that phase's peak on the device, on top of the persistent rows. The device peak
+    (``peak_gpu_bytes``, what ``torch.cuda.max_memory_allocated`` reads) is the persistent bytes plus
+    the largest phase, not the sum of every row: a step's logits, recomputed layer and gradients are
+    never all alive at once."""
     shape: llama.LlamaConfig
     setup: Setup
     rows: list[tuple[str, int, str, str]]
+    phases: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def total(self, where: str) -> int:
         return sum(b for _, b, w, _ in self.rows if w == where)
 
     @property
+    def persistent_device_bytes(self) -> int:
+        return sum(b for n, b, w, _ in self.rows if w == "device" and n.startswith(PERSISTENT_ROWS))
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda phase: sum(self.phases[phase].values()))
+
+    @property
     def peak_gpu_bytes(self) -> int:
-        return self.total("device")
+        """Allocated bytes at the step's peak: persistent + the largest phase."""
+        return self.persistent_device_bytes + sum(self.phases[self.peak_phase].values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the caching allocator holds at the peak (``torch.cuda.max_memory_reserved``): the allocated
+        peak plus ``FRAGMENTATION`` for blocks rounded up and split segments that cannot be reused. An
+        assumption, not yet measured on a GPU; ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
+        (see ``recipe.device.memory_budget``) keeps it small for a loop whose sizes repeat every step."""
+        return int(self.peak_gpu_bytes * (1 + FRAGMENTATION))
 
     @property
     def fits(self) -> bool:
-        return self.peak_gpu_bytes <= self.setup.gpu_bytes
+        """The reserved estimate against the budget (``Setup.gpu_bytes``: free memory after start-up
+        minus a headroom, ``recipe.device.memory_budget``)."""
+        return self.reserved_bytes <= self.setup.gpu_bytes
 
     def table(self) -> str:
         s = self.setup
@@ -151,11 +180,17 @@ class Plan:
         lines = [head, f"{'per rank':<34}{'MiB':>10}  where   what", "-" * 100]
         lines += [f"{name:<34}{b / 2**20:>10.1f}  {where:<7} {what}" for name, b, where, what in self.rows]
         lines.append("-" * 100)
-        lines.append(f"{'peak on the device':<34}{self.peak_gpu_bytes / 2**20:>10.1f}  = {self.peak_gpu_bytes / GiB:.2f} "
-                     f"GiB of {s.gpu_bytes / GiB:.1f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}")
+        for phase, parts in self.phases.items():
+            live = " + ".join(f"{k} {v / 2**20:.0f}" for k, v in parts.items() if v)
+            mark = "  <- peak" if phase == self.peak_phase else ""
+            lines.append(f"{'phase: ' + phase:<34}{sum(parts.values()) / 2**20:>10.1f}  = {live}{mark}")
+        lines.append(f"{'peak allocated on the device':<34}{self.peak_gpu_bytes / 2**20:>10.1f}  = persistent "
+                     f"{self.persistent_device_bytes / 2**20:.0f} + phase '{self.peak_phase}'")
+        lines.append(f"{'peak reserved (compared)':<34}{self.reserved_bytes / 2**20:>10.1f}  = {self.reserved_bytes / GiB:.2f} "
+                     f"GiB of {s.gpu_bytes / GiB:.1f} GiB budget: {'fits' if self.fits else 'DOES NOT FIT'}")
         if self.total("cpu"):
             lines.append(f"{'held in CPU memory (offload)':<34}{self.total('cpu') / 2**20:>10.1f}  = "
-                         f"{self.total('cpu') / GiB:.2f} GiB")
+                         f"{self.total('cpu') / GiB:.2f} GiB, pinned memory included")
         return "\n".join(lines)
 
 
@@ -167,6 +202,58 @@ def gathered_bytes(embedding: int, layer: int, head: int, n_layers: int, prefetc
         return embedding + (2 if prefetch else 1) * layer
     sizes = [embedding, *[layer] * n_layers, head]
     return max(a + b for a, b in zip(sizes, sizes[1:])) if prefetch else max(sizes)
+
+
+def pinned_bytes(shard_sizes) -> int:
+    """Pinned host memory for offloaded shards: PyTorch's host caching allocator rounds every pinned
+    allocation up to a power of two (``CachingHostAllocator``), one allocation per flat group shard."""
+    return sum(1 << (n - 1).bit_length() for n in shard_sizes if n > 0)
+
+
+def phase_bytes(shape: llama.LlamaConfig, setup: Setup, order: list[int]) -> dict[str, dict[str, int]]:
+    """What is live on the device, beyond the persistent shards, at the peak of each phase of a step
+    (``order``: the gathered bytes of the units in forward order: embedding, layers, lm_head if untied). Measured by ``recipe.measure``.
+
+    saved activations: without checkpointing, every layer's ``layer_activation_bytes`` plus, in fp32,
+      each norm's input (kept by the norm's backward: the fp32 copy in bf16 runs is already counted);
+      layer 0's input needs no gradient (the embedding is frozen), its place taken by the final norm's.
+      With checkpointing: each layer's input (what the recompute starts from) and the final norm's.
+    forward, at the loss: the saved activations, the logits (c bytes each), their fp32 shifted copy and
+      the fp32 log-softmax cross-entropy saves (8 bytes per logit more).
+    backward (loss): log-softmax's output, the gradient arriving and the one leaving it (3 x 4 bytes
+      per logit); or, in lm_head's backward, the logits' gradient with lm_head and the last layer
+      gathered, whichever is larger.
+    backward (layers), the last layer's: the saved activations, the recomputed layer with
+      checkpointing, the gathered layer and the prefetched one, one dequantized weight, and the
+      gradients flowing (``backward_temporary_bytes``).
+    optimizer: the fp32 LoRA gradients (AdamW updates tensor by tensor in place)."""
+    h, v, c = shape.hidden_size, shape.vocab_size, setup.compute_bytes
+    tokens, n_layers = setup.batch_size * setup.seq_len, shape.num_hidden_layers
+    fp32_norm_input = tokens * h * 4
+    if setup.activation_checkpointing:
+        saved, recompute = n_layers * tokens * h * c + fp32_norm_input, layer_activation_bytes(shape, setup)
+    else:
+        saved, recompute = n_layers * (layer_activation_bytes(shape, setup) + (fp32_norm_input if c == 4 else 0)), 0
+    logits, embedding, layer, head = tokens * v, order[0], order[1], (0 if shape.tie_word_embeddings else order[-1])
+    root = 0 if head else embedding  # a tied embedding stays gathered in the root all step
+    before_last = (layer if n_layers > 1 else embedding - root) if setup.prefetch else 0
+    lm_head_backward = c * logits + tokens * h * c + head + layer
+    return {
+        "forward": {"activations": saved, "logits + loss": logits * (c + 8), "gathered units": root},
+        "backward (loss)": {"activations": saved, "logits + loss": max(12 * logits, lm_head_backward),
+                            "gathered units": root},
+        "backward (layers)": {"activations": saved, "recompute": recompute, "gathered units": root + layer + before_last,
+                              "dequantized weight": c * max(o * i for o, i in linear_shapes(shape).values())
+                              if setup.quantize else 0, "backward": backward_temporary_bytes(shape, setup)},
+        "optimizer": {"backward": 0 if setup.offload else math.ceil(4 * lora_parameters(shape, setup) / setup.world_size)},
+    }
+
+
+def backward_temporary_bytes(shape: llama.LlamaConfig, setup: Setup) -> int:
+    """Gradients alive at once inside one decoder layer's backward: the gradient arriving at the layer's
+    output and the one leaving it (h each), the MLP's gradients w.r.t. gate, up and their product (3 i)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    return setup.batch_size * setup.seq_len * setup.compute_bytes * (2 * h + 3 * i)
 
 
 def plan(config, setup: Setup | None = None) -> Plan:
@@ -199,26 +286,23 @@ def plan(config, setup: Setup | None = None) -> Plan:
          "8-bit absmax + fp32 per 256 blocks" if setup.double_quant else "fp32 absmax per block"),
         ("embeddings, norms, lm_head (shard)", shard(embedding) + shard(head) + n_layers * shard(norms) + shard(h * c),
          resident, "unquantized, compute dtype"),
-        ("LoRA fp32 master + grad + AdamW", shard(16 * trainable), resident,
-         f"{trainable / 1e6:.2f}M trainable params x 16 B / {w}"),
-        ("gathered units (current + next)", gathered_bytes(embedding, layer_unit, head, n_layers, setup.prefetch),
-         "device", "two neighbouring units all-gathered at once (prefetch)"),
-        ("dequantized weight (working set)", c * max(o * i for o, i in linears.values()) if setup.quantize else 0,
-         "device", "the largest linear, one at a time"),
+        ("LoRA fp32 master + AdamW", shard(12 * trainable), resident,
+         f"{trainable / 1e6:.2f}M trainable params x 12 B / {w} (+ 4 B gradient in backward)"),
     ]
-    tokens = setup.batch_size * setup.seq_len
-    rows.append(("activations: layer inputs", n_layers * tokens * h * c, "device", "each layer's input"))
-    if setup.activation_checkpointing:
-        rows.append(("activations: one layer recomputed", layer_activation_bytes(shape, setup), "device",
-                     "the layer under backward"))
-    else:
-        rows.append(("activations: all layers", n_layers * layer_activation_bytes(shape, setup), "device",
-                     "everything else autograd saves"))
-    rows.append(("backward temporaries", tokens * c * (3 * h + 2 * shape.intermediate_size), "device",
-                 "gradients flowing through one layer"))
-    logits_bytes = tokens * v * (c + 12 if c == 2 else 12)
-    rows.append(("logits + loss", logits_bytes, "device", "logits, fp32 log-softmax and its gradient"))
-    return Plan(shape, setup, rows)
+    if setup.offload:  # one pinned allocation per flat group: a layer's frozen and trainable groups, norms
+        groups, whole = [shard(codes + absmax), shard(norms), shard(4 * lora_layer)], [shard(embedding), shard(head)]
+        rounding = n_layers * (pinned_bytes(groups) - sum(groups)) + pinned_bytes(whole) - sum(whole)
+        rows.append(("pinned rounding (offload)", rounding, "cpu", "pinned allocations rounded up to powers of two"))
+    order = [embedding, *[layer_unit] * n_layers] + ([head] if head else [])
+    phases = phase_bytes(shape, setup, order)
+    peak = max(phases.values(), key=lambda parts: sum(parts.values()))
+    describe = {"gathered units": "all-gathered units live together (prefetch)",
+                "dequantized weight": "the largest linear, one at a time",
+                "activations": "saved for backward" + (" (layer inputs)" if setup.activation_checkpointing else ""),
+                "recompute": "one layer's activations, recomputed", "backward": "gradients flowing through one layer",
+                "logits + loss": "logits and cross-entropy's fp32 copies"}
+    rows += [(f"{name} (at the peak)", b, "device", describe[name]) for name, b in peak.items() if b]
+    return Plan(shape, setup, rows, phases)
 
 
 def main(argv=None) -> Plan:

@@ -56,22 +56,51 @@ def test_sharded_rows_scale_with_world_size_and_activations_do_not():
     p2, p4 = plan(LLAMA2_70B, Setup(world_size=2)), plan(LLAMA2_70B, Setup(world_size=4))
     for name in ("NF4 codes", "absmax", "LoRA fp32"):
         assert row(p4, name) == pytest.approx(row(p2, name) / 2, rel=1e-6)
-    assert row(p4, "activations: layer inputs") == row(p2, "activations: layer inputs")
+    assert p4.phases["forward"] == p2.phases["forward"]
 
 
-def test_checkpointing_keeps_only_layer_inputs():
-    shape, c = llama_config(TINY), 4
-    on = plan(shape, Setup(compute_bytes=c, batch_size=3, seq_len=5, activation_checkpointing=True))
-    off = plan(shape, Setup(compute_bytes=c, batch_size=3, seq_len=5, activation_checkpointing=False))
-    assert row(on, "activations: layer inputs") == 2 * 3 * 5 * 64 * c   # layers x tokens x hidden x bytes
-    assert row(off, "activations: all layers") == 2 * row(on, "activations: one layer")
+@pytest.mark.parametrize("c", [2, 4])
+def test_checkpointing_keeps_only_layer_inputs(c):
+    from recipe.plan import layer_activation_bytes
+
+    shape = llama_config(TINY)
+    setup = dict(compute_bytes=c, batch_size=3, seq_len=5)
+    on = plan(shape, Setup(activation_checkpointing=True, **setup))
+    off = plan(shape, Setup(activation_checkpointing=False, **setup))
+    one_layer = layer_activation_bytes(shape, Setup(**setup))
+    # layers x tokens x hidden x bytes, plus the final norm's fp32 input
+    assert on.phases["forward"]["activations"] == 2 * 3 * 5 * 64 * c + 3 * 5 * 64 * 4
+    assert on.phases["backward (layers)"]["recompute"] == one_layer
+    # every layer's saved tensors; in fp32 the norms' inputs are the (uncounted) layer inputs themselves
+    assert off.phases["forward"]["activations"] == 2 * (one_layer + (3 * 5 * 64 * 4 if c == 4 else 0))
+    assert off.phases["backward (layers)"]["recompute"] == 0
     assert off.peak_gpu_bytes > on.peak_gpu_bytes
 
 
-def test_offload_moves_shards_to_cpu():
+def test_peak_is_the_largest_phase_not_the_sum_of_every_term():
+    p = plan(LLAMA2_70B, Setup(batch_size=2, seq_len=2048, offload=True))
+    sums = {phase: sum(parts.values()) for phase, parts in p.phases.items()}
+    assert p.peak_gpu_bytes == p.persistent_device_bytes + max(sums.values())
+    assert p.peak_gpu_bytes < p.persistent_device_bytes + sum(sums.values())
+    assert p.peak_phase == max(sums, key=sums.get)
+    # the table lists the transient rows of the peak phase only, so the rows still add up to the peak
+    assert p.total("device") == p.peak_gpu_bytes
+    assert p.reserved_bytes > p.peak_gpu_bytes and p.fits == (p.reserved_bytes <= p.setup.gpu_bytes)
+
+
+def test_offload_moves_shards_to_cpu_and_counts_pinned_rounding():
     on, off = plan(LLAMA2_70B, Setup(offload=True)), plan(LLAMA2_70B, Setup(offload=False))
-    assert on.total("cpu") == row(off, "NF4 codes") + row(off, "absmax") + row(off, "embeddings") + row(off, "LoRA")
-    assert on.peak_gpu_bytes == off.peak_gpu_bytes - on.total("cpu")
+    shards = row(off, "NF4 codes") + row(off, "absmax") + row(off, "embeddings") + row(off, "LoRA")
+    assert on.total("cpu") == shards + row(on, "pinned rounding")
+    assert 0 < row(on, "pinned rounding") < shards            # at most one power of two per allocation
+    assert on.persistent_device_bytes == 0
+    assert on.peak_gpu_bytes == off.peak_gpu_bytes - off.persistent_device_bytes  # the same phase peaks
+
+
+def test_pinned_allocations_round_up_to_powers_of_two():
+    from recipe.plan import pinned_bytes
+
+    assert pinned_bytes([1, 2, 3, 1000, 1024, 1025, 0]) == 1 + 2 + 4 + 1024 + 1024 + 2048
 
 
 def test_reference_70b_run_on_two_24gb_gpus():
@@ -100,7 +129,7 @@ def test_bad_setup_is_a_clear_error():
 def test_command_line_prints_a_table(capsys):
     result = main(["llama-2-70b", "--batch-size", "2", "--offload"])
     out = capsys.readouterr().out
-    assert "peak on the device" in out and "fits" in out
+    assert "peak allocated on the device" in out and "peak reserved (compared)" in out and "fits" in out
     assert result.setup.target_modules == ALL_LINEAR
 
 
