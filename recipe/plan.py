@@ -24,12 +24,13 @@ arithmetic by hand, the chapter checks the whole plan against measured peaks.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from pathlib import Path
 
 import llama
+
+from .phases import layer_activation_bytes, phase_bytes  # noqa: F401  (layer_activation_bytes: re-exported)
 
 GiB = 1024 ** 3
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -103,24 +104,6 @@ def lora_parameters(shape: llama.LlamaConfig, setup: Setup) -> int:
     per_layer = sum(setup.rank * (i + o) + (o if setup.dora else 0)
                     for name, (o, i) in linear_shapes(shape).items() if name in setup.target_modules)
     return per_layer * shape.num_hidden_layers
-
-
-def layer_activation_bytes(shape: llama.LlamaConfig, setup: Setup) -> int:
-    """Bytes autograd keeps for one decoder layer's backward (no checkpointing), all tokens, not counting
-    the layer's input (the "layer inputs" row).
-
-    Per token, listed from ``llama.model.DecoderLayer`` with ``saved_tensors_hooks`` (c = compute bytes):
-    the normalised input kept by q/k/v's LoRA, q and the rotated k and v repeated to every query head
-    (scaled_dot_product_attention's inputs), the attention output kept by o_proj: 6 h values; gate,
-    up, silu(gate) and silu(gate) * up kept by down_proj: 4 i; each LoRA's A output: r per target;
-    RMSNorm's fp32 copies (the post-attention residual in fp32; both inputs upcast when c = 2);
-    fp32 statistics (two rsqrt, one log-sum-exp per head). Plus the rotary cos/sin tables."""
-    h, i, c = shape.hidden_size, shape.intermediate_size, setup.compute_bytes
-    norms = 4 * h * (1 if c == 4 else 2)
-    per_token = c * (6 * h + 4 * i) + c * setup.rank * len(setup.target_modules) + norms
-    per_token += 4 * (2 + shape.num_attention_heads)
-    head_dim = h // shape.num_attention_heads
-    return setup.batch_size * setup.seq_len * per_token + 2 * setup.seq_len * head_dim * c
 
 
 # The components the phases are made of; recipe.phase_memory files measured storages under the same names.
@@ -210,68 +193,30 @@ def pinned_bytes(shard_sizes) -> int:
     return sum(1 << (n - 1).bit_length() for n in shard_sizes if n > 0)
 
 
-def phase_bytes(shape: llama.LlamaConfig, setup: Setup, order: list[int]) -> dict[str, dict[str, int]]:
-    """What is live on the device, beyond the persistent shards, at the peak of each phase of a step
-    (``order``: the gathered bytes of the units in forward order: embedding, layers, lm_head if untied). Measured by ``recipe.measure``.
-
-    saved activations: without checkpointing, every layer's ``layer_activation_bytes`` plus, in fp32,
-      each norm's input (kept by the norm's backward: the fp32 copy in bf16 runs is already counted);
-      layer 0's input needs no gradient (the embedding is frozen), its place taken by the final norm's.
-      With checkpointing: each layer's input (what the recompute starts from) and the final norm's.
-    forward, at the loss: the saved activations, the logits (c bytes each), their fp32 shifted copy and
-      the fp32 log-softmax cross-entropy saves (8 bytes per logit more).
-    backward (loss): log-softmax's output, the gradient arriving and the one leaving it (3 x 4 bytes
-      per logit); or, in lm_head's backward, the logits' gradient with lm_head and the last layer
-      gathered, whichever is larger.
-    backward (layers), the last layer's: the saved activations, the recomputed layer with
-      checkpointing, the gathered layer and the prefetched one, one dequantized weight, and the
-      gradients flowing (``backward_temporary_bytes``).
-    optimizer: the fp32 LoRA gradients (AdamW updates tensor by tensor in place)."""
-    h, v, c = shape.hidden_size, shape.vocab_size, setup.compute_bytes
-    tokens, n_layers = setup.batch_size * setup.seq_len, shape.num_hidden_layers
-    fp32_norm_input = tokens * h * 4
-    if setup.activation_checkpointing:
-        saved, recompute = n_layers * tokens * h * c + fp32_norm_input, layer_activation_bytes(shape, setup)
+def unit_bytes(shape: llama.LlamaConfig, setup: Setup) -> dict[str, int]:
+    """Full (unsharded) bytes of the sharding units' parts: one decoder layer's frozen ``codes`` (the
+    weights themselves without quantization), ``absmax`` and ``norms``, its LoRA parameter count
+    ``lora_params``, the ``embedding`` and the ``head`` (0 when tied to the embedding)."""
+    c, linears = setup.compute_bytes, linear_shapes(shape)
+    if setup.quantize:
+        codes, absmax = map(sum, zip(*(quantized_bytes(o * i, setup.block_size, setup.double_quant)
+                                       for o, i in linears.values())))
     else:
-        saved, recompute = n_layers * (layer_activation_bytes(shape, setup) + (fp32_norm_input if c == 4 else 0)), 0
-    logits, embedding, layer, head = tokens * v, order[0], order[1], (0 if shape.tie_word_embeddings else order[-1])
-    root = 0 if head else embedding  # a tied embedding stays gathered in the root all step
-    before_last = (layer if n_layers > 1 else embedding - root) if setup.prefetch else 0
-    lm_head_backward = c * logits + tokens * h * c + head + layer
-    return {
-        "forward": {"activations": saved, "logits + loss": logits * (c + 8), "gathered units": root},
-        "backward (loss)": {"activations": saved, "logits + loss": max(12 * logits, lm_head_backward),
-                            "gathered units": root},
-        "backward (layers)": {"activations": saved, "recompute": recompute, "gathered units": root + layer + before_last,
-                              "dequantized weight": c * max(o * i for o, i in linear_shapes(shape).values())
-                              if setup.quantize else 0, "backward": backward_temporary_bytes(shape, setup)},
-        "optimizer": {"backward": 0 if setup.offload else math.ceil(4 * lora_parameters(shape, setup) / setup.world_size)},
-    }
-
-
-def backward_temporary_bytes(shape: llama.LlamaConfig, setup: Setup) -> int:
-    """Gradients alive at once inside one decoder layer's backward: the gradient arriving at the layer's
-    output and the one leaving it (h each), the MLP's gradients w.r.t. gate, up and their product (3 i)."""
-    h, i = shape.hidden_size, shape.intermediate_size
-    return setup.batch_size * setup.seq_len * setup.compute_bytes * (2 * h + 3 * i)
+        codes, absmax = c * sum(o * i for o, i in linears.values()), 0
+    embedding = shape.vocab_size * shape.hidden_size * c
+    return {"codes": codes, "absmax": absmax, "norms": 2 * shape.hidden_size * c,
+            "lora_params": lora_parameters(shape, setup) // shape.num_hidden_layers, "embedding": embedding,
+            "head": 0 if shape.tie_word_embeddings else embedding}
 
 
 def plan(config, setup: Setup | None = None) -> Plan:
     """Per-rank memory of fine-tuning ``config`` (see ``llama_config``) under ``setup``."""
     shape = llama_config(config)
     setup = setup or Setup()
-    w, c = setup.world_size, setup.compute_bytes
-    h, v, n_layers = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
-    linears = linear_shapes(shape)
-    if setup.quantize:
-        codes, absmax = map(sum, zip(*(quantized_bytes(o * i, setup.block_size, setup.double_quant)
-                                       for o, i in linears.values())))
-    else:
-        codes, absmax = c * sum(o * i for o, i in linears.values()), 0
-    norms = 2 * h * c
-    lora_layer = lora_parameters(shape, setup) // n_layers
-    embedding = v * h * c
-    head = 0 if shape.tie_word_embeddings else embedding
+    w, h, n_layers = setup.world_size, shape.hidden_size, shape.num_hidden_layers
+    units = unit_bytes(shape, setup)
+    codes, absmax, norms, embedding, head = (units[k] for k in ("codes", "absmax", "norms", "embedding", "head"))
+    lora_layer, c = units["lora_params"], setup.compute_bytes
     layer_unit = codes + absmax + norms + lora_layer * c   # one gathered decoder layer
 
     def shard(nbytes: int) -> int:  # padded to a multiple of the world size, 1/world per rank
@@ -306,27 +251,10 @@ def plan(config, setup: Setup | None = None) -> Plan:
 
 
 def main(argv=None) -> Plan:
-    p = argparse.ArgumentParser(prog="python -m recipe.plan", description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", default="llama-2-70b", help="preset name, config.json or checkpoint dir")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--gpu-gib", type=float, default=24.0)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--target-modules", default=",".join(ALL_LINEAR))
-    p.add_argument("--dora", action="store_true")
-    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
-    p.add_argument("--offload", action="store_true")
-    p.add_argument("--no-quant", dest="quantize", action="store_false")
-    p.add_argument("--fp32", action="store_true", help="compute in fp32 (4 bytes) instead of bf16")
-    a = p.parse_args(argv)
-    setup = Setup(world_size=a.world_size, gpu_bytes=int(a.gpu_gib * GiB), batch_size=a.batch_size,
-                  seq_len=a.seq_len, rank=a.rank, target_modules=tuple(a.target_modules.split(",")), dora=a.dora,
-                  activation_checkpointing=a.activation_checkpointing, offload=a.offload, quantize=a.quantize,
-                  compute_bytes=4 if a.fp32 else 2)
-    result = plan(a.config, setup)
-    print(result.table())
-    return result
+    """``python -m recipe.plan``: see ``recipe.plan_cli``."""
+    from .plan_cli import main as cli
+
+    return cli(argv)
 
 
 if __name__ == "__main__":

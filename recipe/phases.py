@@ -1,0 +1,79 @@
+"""What is live on the device at each phase of a training step, beyond the persistent shards.
+
+``recipe.plan`` adds the persistent bytes to the largest phase; ``recipe.measure`` checks each phase and
+each component (``recipe.phase_memory`` files measured storages under the same names) on a real run.
+"""
+from __future__ import annotations
+
+import math
+
+import llama
+
+
+def layer_activation_bytes(shape: llama.LlamaConfig, setup) -> int:
+    """Bytes autograd keeps for one decoder layer's backward (no checkpointing), all tokens, not counting
+    the layer's input (the "layer inputs" row).
+
+    Per token, listed from ``llama.model.DecoderLayer`` with ``saved_tensors_hooks`` (c = compute bytes):
+    the normalised input kept by q/k/v's LoRA, q and the rotated k and v repeated to every query head
+    (scaled_dot_product_attention's inputs), the attention output kept by o_proj: 6 h values; gate,
+    up, silu(gate) and silu(gate) * up kept by down_proj: 4 i; each LoRA's A output: r per target;
+    RMSNorm's fp32 copies (the post-attention residual in fp32; both inputs upcast when c = 2);
+    fp32 statistics (two rsqrt, one log-sum-exp per head). Plus the rotary cos/sin tables."""
+    h, i, c = shape.hidden_size, shape.intermediate_size, setup.compute_bytes
+    norms = 4 * h * (1 if c == 4 else 2)
+    per_token = c * (6 * h + 4 * i) + c * setup.rank * len(setup.target_modules) + norms
+    per_token += 4 * (2 + shape.num_attention_heads)
+    head_dim = h // shape.num_attention_heads
+    return setup.batch_size * setup.seq_len * per_token + 2 * setup.seq_len * head_dim * c
+
+
+
+def phase_bytes(shape: llama.LlamaConfig, setup, order: list[int]) -> dict[str, dict[str, int]]:
+    """What is live on the device, beyond the persistent shards, at the peak of each phase of a step
+    (``order``: the gathered bytes of the units in forward order: embedding, layers, lm_head if untied). Measured by ``recipe.measure``.
+
+    saved activations: without checkpointing, every layer's ``layer_activation_bytes`` plus, in fp32,
+      each norm's input (kept by the norm's backward: the fp32 copy in bf16 runs is already counted);
+      layer 0's input needs no gradient (the embedding is frozen), its place taken by the final norm's.
+      With checkpointing: each layer's input (what the recompute starts from) and the final norm's.
+    forward, at the loss: the saved activations, the logits (c bytes each), their fp32 shifted copy and
+      the fp32 log-softmax cross-entropy saves (8 bytes per logit more).
+    backward (loss): log-softmax's output, the gradient arriving and the one leaving it (3 x 4 bytes
+      per logit); or, in lm_head's backward, the logits' gradient with lm_head and the last layer
+      gathered, whichever is larger.
+    backward (layers), the last layer's: the saved activations, the recomputed layer with
+      checkpointing, the gathered layer and the prefetched one, one dequantized weight, and the
+      gradients flowing (``backward_temporary_bytes``).
+    optimizer: the fp32 LoRA gradients (AdamW updates tensor by tensor in place)."""
+    from .plan import linear_shapes, lora_parameters  # plan.py imports this module
+
+    h, v, c = shape.hidden_size, shape.vocab_size, setup.compute_bytes
+    tokens, n_layers = setup.batch_size * setup.seq_len, shape.num_hidden_layers
+    fp32_norm_input = tokens * h * 4
+    if setup.activation_checkpointing:
+        saved, recompute = n_layers * tokens * h * c + fp32_norm_input, layer_activation_bytes(shape, setup)
+    else:
+        saved, recompute = n_layers * (layer_activation_bytes(shape, setup) + (fp32_norm_input if c == 4 else 0)), 0
+    logits, embedding, layer, head = tokens * v, order[0], order[1], (0 if shape.tie_word_embeddings else order[-1])
+    root = 0 if head else embedding  # a tied embedding stays gathered in the root all step
+    before_last = (layer if n_layers > 1 else embedding - root) if setup.prefetch else 0
+    lm_head_backward = c * logits + tokens * h * c + head + layer
+    return {
+        "forward": {"activations": saved, "logits + loss": logits * (c + 8), "gathered units": root},
+        "backward (loss)": {"activations": saved, "logits + loss": max(12 * logits, lm_head_backward),
+                            "gathered units": root},
+        "backward (layers)": {"activations": saved, "recompute": recompute, "gathered units": root + layer + before_last,
+                              "dequantized weight": c * max(o * i for o, i in linear_shapes(shape).values())
+                              if setup.quantize else 0, "backward": backward_temporary_bytes(shape, setup)},
+        "optimizer": {"backward": 0 if setup.offload else math.ceil(4 * lora_parameters(shape, setup) / setup.world_size)},
+    }
+
+
+def backward_temporary_bytes(shape: llama.LlamaConfig, setup) -> int:
+    """Gradients alive at once inside one decoder layer's backward: the gradient arriving at the layer's
+    output and the one leaving it (h each), the MLP's gradients w.r.t. gate, up and their product (3 i)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    return setup.batch_size * setup.seq_len * setup.compute_bytes * (2 * h + 3 * i)
+
+
