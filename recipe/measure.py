@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
         config = llama.LlamaConfig.from_hf(model_dir)
     setup = Setup(world_size=args.nproc, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
                   target_modules=LINEARS, activation_checkpointing=args.activation_checkpointing, compute_bytes=4 if args.dtype == "fp32" else 2,
-                  quantize=args.quant == "nf4")
+                  quantize=args.quant == "nf4", device=args.device)
     planned = plan(config, setup)
     print(planned.table())
     result = {"model": args.preset or str(args.model), "layers": config.num_hidden_layers,

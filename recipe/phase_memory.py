@@ -11,7 +11,9 @@ components when it is created, and keeps, for each phase of the step, the peak a
     component   persistent          created while building the model or in the optimizer step (shards,
                                     fp32 LoRA masters, AdamW moments)
                 gathered units      a storage the sharder resizes (its all-gathered flat buffers)
-                dequantized weight  a 1-D storage of a frozen linear's size (o * i), forward or backward
+                dequantized weight  a 1-D storage of a frozen linear's size (o * i) or its absmax count
+                                    (o * i / 64), or a 1-D integer one (the CPU path's index
+                                    workspace), forward or backward
                 logits + loss       a tensor whose last dimension is the vocabulary
                 activations         any other storage created in forward (kept for backward or not)
                 recompute           created in backward while a module's forward runs (checkpointing)
@@ -44,6 +46,7 @@ class PhaseMemory(TensorMemory):
     {phase: {"total": bytes, component: bytes, ...}} at each phase's own peak since ``reset_peak``."""
 
     LISTED = 8 * 2**20
+    BIG = 64 * 2**10  # re-measure storages from 64 KiB: a tiny model's gathered layers are below 1 MiB
 
     def __init__(self, vocab_size: int, weight_numels):
         super().__init__(record_peak=False)
@@ -92,8 +95,8 @@ class PhaseMemory(TensorMemory):
             return "persistent"
         if tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
             return "logits + loss"
-        if tensor.dim() == 1 and tensor.numel() in self.weight_numels:
-            return "dequantized weight"
+        if tensor.dim() == 1 and (tensor.numel() in self.weight_numels or not tensor.is_floating_point()):
+            return "dequantized weight"  # the weight, its fp32 absmax, the CPU path's integer workspace
         if phase.startswith("backward"):
             return "recompute" if self._module_depth > 0 else "backward"
         return "activations"
@@ -169,7 +172,8 @@ def train_with_phase_memory(argv) -> dict:
     made = []
 
     def factory(record_peak=False):
-        made.append(PhaseMemory(config.vocab_size, [o * i for o, i in linear_shapes(config).values()]))
+        sizes = [o * i for o, i in linear_shapes(config).values()]
+        made.append(PhaseMemory(config.vocab_size, sizes + [n // 64 for n in sizes]))
         return made[-1]
 
     train.TensorMemory = factory

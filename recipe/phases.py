@@ -31,20 +31,26 @@ def layer_activation_bytes(shape: llama.LlamaConfig, setup) -> int:
 
 def phase_bytes(shape: llama.LlamaConfig, setup, order: list[int]) -> dict[str, dict[str, int]]:
     """What is live on the device, beyond the persistent shards, at the peak of each phase of a step
-    (``order``: the gathered bytes of the units in forward order: embedding, layers, lm_head if untied). Measured by ``recipe.measure``.
+    (``order``: gathered bytes of the units in forward order: embedding, layers, lm_head if untied),
+    as ``recipe.measure`` measures them.
 
     saved activations: without checkpointing, every layer's ``layer_activation_bytes`` plus, in fp32,
       each norm's input (kept by the norm's backward: the fp32 copy in bf16 runs is already counted);
       layer 0's input needs no gradient (the embedding is frozen), its place taken by the final norm's.
       With checkpointing: each layer's input (what the recompute starts from) and the final norm's.
     forward, at the loss: the saved activations, the logits (c bytes each), their fp32 shifted copy and
-      the fp32 log-softmax cross-entropy saves (8 bytes per logit more).
+      the fp32 log-softmax cross-entropy saves (8 bytes per logit more); or, if larger, in the last
+      layer: the saved activations, the layer and the prefetched lm_head gathered, a dequantized weight.
     backward (loss): log-softmax's output, the gradient arriving and the one leaving it (3 x 4 bytes
       per logit); or, in lm_head's backward, the logits' gradient with lm_head and the last layer
       gathered, whichever is larger.
-    backward (layers), the last layer's: the saved activations, the recomputed layer with
-      checkpointing, the gathered layer and the prefetched one, one dequantized weight, and the
-      gradients flowing (``backward_temporary_bytes``).
+    backward (layers), the last layer's: the gathered layer and the unit before it (prefetched: the
+      previous layer, or the embedding before layer 0) and one dequantized weight, plus, without
+      checkpointing, in its MLP backward: the saved activations less the two already consumed (the
+      final norm's fp32 input, down_proj's input) and the gradients flowing
+      (``backward_temporary_bytes``), or, if larger, while a weight is dequantized (its CPU
+      workspace live, one i-sized gradient fewer); with checkpointing, at the end of its recompute: the other
+      layers' inputs, the recomputed layer's activations and the gradient arriving at its output.
     optimizer: the fp32 LoRA gradients (AdamW updates tensor by tensor in place)."""
     from .plan import linear_shapes, lora_parameters  # plan.py imports this module
 
@@ -55,25 +61,52 @@ def phase_bytes(shape: llama.LlamaConfig, setup, order: list[int]) -> dict[str, 
         saved, recompute = n_layers * tokens * h * c + fp32_norm_input, layer_activation_bytes(shape, setup)
     else:
         saved, recompute = n_layers * (layer_activation_bytes(shape, setup) + (fp32_norm_input if c == 4 else 0)), 0
+    dequantized = dequantize_bytes(max(o * i for o, i in linear_shapes(shape).values()), setup)
+    weight_only = dequantized - dequantize_bytes(0, setup)  # the workspace freed once dequantized
+    consumed = fp32_norm_input + tokens * shape.intermediate_size * c
+    if setup.activation_checkpointing:  # at the end of the last layer's recompute
+        in_backward = {"activations": saved - fp32_norm_input, "recompute": recompute + tokens * h * c, "backward": 0}
+    else:  # in its MLP backward: once down_proj's input gradient is split, or while a weight is dequantized
+        split = {"activations": saved - consumed, "backward": backward_temporary_bytes(shape, setup),
+                 "dequantized weight": weight_only}
+        dequantizing = {"activations": saved - consumed, "dequantized weight": dequantized,
+                        "backward": tokens * c * (h + shape.intermediate_size)}
+        in_backward = max(split, dequantizing, key=lambda parts: sum(parts.values()))
     logits, embedding, layer, head = tokens * v, order[0], order[1], (0 if shape.tie_word_embeddings else order[-1])
     root = 0 if head else embedding  # a tied embedding stays gathered in the root all step
     before_last = (layer if n_layers > 1 else embedding - root) if setup.prefetch else 0
     lm_head_backward = c * logits + tokens * h * c + head + layer
+    at_loss = {"activations": saved, "logits + loss": logits * (c + 8), "gathered units": root}
+    if setup.activation_checkpointing:  # at the SwiGLU product: the layer's own intermediates, h + 4 i
+        in_last_layer = {"activations": saved + tokens * c * (h + 4 * shape.intermediate_size)}
+    else:  # dequantizing a weight: the other intermediates are saved anyway
+        in_last_layer = {"activations": saved, "dequantized weight": dequantized}
+    in_last_layer["gathered units"] = root + layer + (head or layer)
     return {
-        "forward": {"activations": saved, "logits + loss": logits * (c + 8), "gathered units": root},
+        "forward": max(at_loss, in_last_layer, key=lambda parts: sum(parts.values())),
         "backward (loss)": {"activations": saved, "logits + loss": max(12 * logits, lm_head_backward),
                             "gathered units": root},
-        "backward (layers)": {"activations": saved, "recompute": recompute, "gathered units": root + layer + before_last,
-                              "dequantized weight": c * max(o * i for o, i in linear_shapes(shape).values())
-                              if setup.quantize else 0, "backward": backward_temporary_bytes(shape, setup)},
+        "backward (layers)": {"dequantized weight": dequantized, **in_backward,
+                              "gathered units": root + layer + before_last},
         "optimizer": {"backward": 0 if setup.offload else math.ceil(4 * lora_parameters(shape, setup) / setup.world_size)},
     }
 
 
 def backward_temporary_bytes(shape: llama.LlamaConfig, setup) -> int:
-    """Gradients alive at once inside one decoder layer's backward: the gradient arriving at the layer's
-    output and the one leaving it (h each), the MLP's gradients w.r.t. gate, up and their product (3 i)."""
+    """Gradients alive at once at the peak of a decoder layer's backward (measured in the MLP): the
+    gradient arriving at the layer's output (h), and the two down_proj's input gradient is split into,
+    w.r.t. SiLU(gate) and up (2 i)."""
     h, i = shape.hidden_size, shape.intermediate_size
-    return setup.batch_size * setup.seq_len * setup.compute_bytes * (2 * h + 3 * i)
+    return setup.batch_size * setup.seq_len * setup.compute_bytes * (h + 2 * i)
 
 
+
+
+def dequantize_bytes(numel: int, setup) -> int:
+    """Memory of dequantizing one NF4 weight of ``numel`` values: the weight in the compute dtype;
+    on the CPU, also the PyTorch path's index workspace (int32 byte index + int64 value pairs for a
+    chunk of 2^20 values, ``nf4.dequantize``: 6 MiB)."""
+    if not setup.quantize:
+        return 0
+    workspace = 12 * (1 << 19) if setup.device == "cpu" else 0  # sized for a chunk, whatever the weight
+    return setup.compute_bytes * numel + workspace

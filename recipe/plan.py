@@ -75,6 +75,7 @@ class Setup:
     block_size: int = 64
     double_quant: bool = True
     prefetch: bool = True
+    device: str = "cuda"           # "cpu": the CPU's dequantization workspace counts too
 
     def __post_init__(self):
         for name in ("world_size", "gpu_bytes", "batch_size", "seq_len", "rank", "block_size"):
@@ -83,6 +84,8 @@ class Setup:
         unknown = sorted(set(self.target_modules) - set(ALL_LINEAR))
         if unknown or not self.target_modules:
             raise ValueError(f"target_modules must be a non-empty subset of {ALL_LINEAR}, got {unknown or '()'}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.compute_bytes not in (2, 4):
             raise ValueError(f"compute_bytes must be 2 (bf16) or 4 (fp32), got {self.compute_bytes}")
 
