@@ -1,7 +1,7 @@
 """The memory planner: how many bytes each rank holds while fine-tuning a Llama with QLoRA + FSDP.
 
     python -m recipe.plan llama-2-70b --world-size 2 --gpu-gib 24 --batch-size 2 --seq-len 2048 \
-        --rank 64 --activation-checkpointing --offload
+        --rank 64 --offload                              # checkpointing on unless --no-activation-checkpointing
     python -m recipe.plan path/to/config.json ...      # any Hugging Face Llama config
 
 Pure arithmetic on the config's numbers, one line per kind of memory (chapter 7 explains each):
@@ -9,18 +9,29 @@ Pure arithmetic on the config's numbers, one line per kind of memory (chapter 7 
 * persistent (held for the whole run): this rank's 1/world share of every sharding unit -- the NF4
   codes (1/2 byte per weight), their absmax constants (1 byte per 64 weights with double quantization,
   plus an fp32 scale per 256 of those: QLoRA paper, section 3), the unquantized tensors (embeddings,
-  norms, lm_head) -- and the LoRA parameters' fp32 master copy, fp32 gradient and the two AdamW moments
-  (16 bytes per trainable parameter, divided by the world size: ZeRO-3, Rajbhandari et al. 2020, eq. 1).
+  norms, lm_head) -- and the LoRA parameters' fp32 master copy and two AdamW moments (12 bytes per
+  trainable parameter, divided by the world size: ZeRO-3, Rajbhandari et al. 2020, eq. 1; the 4-byte
+  fp32 gradient lives from backward to the optimizer step and is counted in those phases).
   With ``offload`` these live in CPU memory instead.
-* transient (the peak of one step): the gathered full unit being computed plus the prefetched next one,
-  one dequantized linear weight (the frozen path dequantizes one matrix at a time, forward and backward),
-  the activations autograd keeps (all of them, or only each layer's input with activation checkpointing,
-  plus one layer's worth while that layer is recomputed), backward's temporaries, and the logits.
+* transient: what one step adds, phase by phase (``recipe/phases.py``): the forward at the loss (the
+  saved activations, the logits and cross-entropy's fp32 copies), the backward at the loss, the
+  last layer's backward (its recomputation with checkpointing, the gathered layer and the prefetched
+  one, one dequantized weight, the gradients flowing), the optimizer (the LoRA gradients). The peak is
+  the persistent bytes plus the largest phase -- not the sum of every term, which are never all alive
+  at once -- and the table names the phase and lists what is live in it.
+
+Two peaks are reported: *allocated* (what ``torch.cuda.max_memory_allocated`` reads, what the phases
+add up to) and *reserved* (``torch.cuda.max_memory_reserved``: allocated + ``FRAGMENTATION``, an
+assumption). ``fits`` compares the reserved estimate with ``Setup.gpu_bytes``, which
+``recipe.device.memory_budget`` sets from the GPU's free memory after start-up minus a stated
+headroom. With ``offload`` the shards live in pinned CPU memory, counted with its power-of-two rounding.
 
 Units are the decoder layers, the embedding and the lm_head (each gathered only while it runs); the
-root keeps the final norm. The activation coefficients list the tensors autograd saves in
-``llama.model.DecoderLayer`` (see ``layer_activation_bytes``); ``tests/test_recipe_plan.py`` checks the
-arithmetic by hand, the chapter checks the whole plan against measured peaks.
+root keeps the final norm. ``python -m recipe.measure --preset llama-2-7b`` checks each phase and each
+component against a real run (``recipe/phase_memory.py``); ``tests/test_recipe_plan.py`` checks the
+arithmetic by hand and the phases on the bundled model. The command line (``recipe/plan_cli.py``)
+also predicts step time (``recipe/timemodel.py``) and compares full with hybrid sharding
+(``recipe/links.py``).
 """
 from __future__ import annotations
 

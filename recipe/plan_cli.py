@@ -77,7 +77,8 @@ def run(args) -> Plan:
     if args.cpu:
         from .microbench import describe, measure_machine
 
-        machine = measure_machine(ranks=args.world_size, dtype="float32" if args.fp32 else "bfloat16")
+        size = min(2048, max(64, result.shape.hidden_size))  # matmuls of the model's width
+        machine = measure_machine(ranks=args.world_size, dtype="float32" if args.fp32 else "bfloat16", size=size)
         print(describe(machine))
         print(time_table(result.shape, setup, machine))
     if args.published:

@@ -11,15 +11,16 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
   2 s h per token forward (QK^T and AV, half the square) and 2x that backward. lm_head (frozen) costs
   2 h v forward and the same backward. Checkpointing recomputes every layer's forward once.
 * NF4 dequantization: each linear is dequantized once per forward, recompute and backward; each time
-  it reads its codes and absmax (~0.52 B per weight) and writes, then the matmul reads, c bytes.
+  it reads its codes and absmax (~0.52 B per weight) and writes c bytes (the matmul's read of them
+  is part of the matmul).
 * Elementwise work (norms, rotary, SiLU, residuals) is memory-bound: the saved activations are
   written once and read once per pass, at the copy bandwidth.
 * Collectives: the all-gather and reduce-scatter payloads of ``recipe.links.step_payloads``; a ring
   puts (w-1)/w of each on the wire, at the gather bandwidth between ranks.
 * Offload: every shard crosses PCIe host->device once per gather (forward and backward), the LoRA
   gradients device->host once, and AdamW runs on the CPU over the fp32 state (28 B per parameter).
-* Fixed costs per operator (launch, dispatch, Python hooks): the number of ATen operators a layer's
-  forward+backward dispatches (counted by ``recipe.microbench``) times ``Machine.op_seconds``.
+* Fixed costs per operator (launch, dispatch): the ATen operators a layer dispatches (forward,
+  recompute, backward; ``LAYER_FORWARD_OPS``, ``LAYER_BACKWARD_OPS``) times ``Machine.op_seconds``.
 
 Overlap assumptions: all-gathers and reduce-scatters overlap compute (the next unit is prefetched
 asynchronously), so only the part longer than compute shows; dequantization, elementwise work, the
@@ -53,7 +54,9 @@ from .plan import Setup, linear_shapes, llama_config, lora_parameters, unit_byte
 
 MATMUL_FRACTION, MEMORY_FRACTION, LINK_FRACTION = 0.7, 0.8, 0.8
 HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DDR4/5, assumed
-OPS_PER_LAYER_GPU = 250         # ATen operators per layer forward+backward+recompute, see recipe.microbench
+# ATen operators one NF4 + LoRA decoder layer dispatches (counted with a TorchDispatchMode on this
+# code, torch 2.13, CPU path): its forward (each recompute is one more) and its backward.
+LAYER_FORWARD_OPS, LAYER_BACKWARD_OPS = 407, 437
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +115,11 @@ def step_work(config, setup: Setup) -> dict[str, float]:
              + units["embedding"] + units["head"]) / w
     return {"flops": sum(step_flops(shape, setup).values()),
             "dequantize_bytes": passes * weights * (per_weight_read + c) if setup.quantize else 0.0,
-            "matmul_weight_reads": passes * weights * c,
             "elementwise_bytes": (passes + 1) * 2 * n * layer_activation_bytes(shape, setup),
             "collective_bytes": (w - 1) / w * (payload["all_gather"] + payload["reduce_scatter"]),
             "offload_bytes": (2 * shard + 4 * trainable) if setup.offload else 0.0,
             "optimizer_bytes": 28 * trainable,
-            "ops": n * OPS_PER_LAYER_GPU}
+            "ops": n * (LAYER_FORWARD_OPS * (passes - 1) + LAYER_BACKWARD_OPS)}
 
 
 def step_seconds(config, setup: Setup, machine: Machine) -> dict[str, float]:
