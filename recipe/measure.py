@@ -1,15 +1,18 @@
-"""Check the planner against a real run: planned vs measured peak tensor memory per rank.
+"""Check the planner against a real run: planned vs measured peak per phase and per component, per rank.
 
     python -m recipe.measure                                    # the bundled tiny-llama, 2 ranks
-    python -m recipe.measure --preset llama-2-70b --layers 1    # 70B width, one decoder layer
+    python -m recipe.measure --preset llama-2-7b --layers 1 --seq-len 2048 --batch-size 1 --dtype bf16 \
+        [--activation-checkpointing]                            # 7B width, where activations dominate
 
-For a preset, a checkpoint with the preset's exact widths (hidden 8192, intermediate 28672, 64/8 heads,
-vocab 32000 for Llama-2-70B) but only ``--layers`` decoder layers and random bf16 weights is written to
-a temporary directory; then ``recipe.train`` runs a few steps on 2 gloo ranks through the very same
-code as the main job, with ``--track-memory`` (``recipe.memory.TensorMemory``: the CPU analog of
-``torch.cuda.max_memory_allocated``), and the plan for the same setup (``--dtype``, fp32 by default) is
-printed beside the measured peaks. With ``--device cuda`` (one rank per GPU) the measured peak is the
-GPU's own ``torch.cuda.max_memory_allocated`` -- the number the plan is for.
+For a preset, a checkpoint with the preset's exact widths (e.g. hidden 4096, intermediate 11008, 32
+heads, vocab 32000 for Llama-2-7B) but only ``--layers`` decoder layers and random bf16 weights is
+written to a temporary directory; then ``recipe.train`` runs a few steps on ``--nproc`` gloo ranks
+through the very same code as the main job, counting memory with ``recipe.phase_memory.PhaseMemory``
+(``--track-memory``: the CPU analog of ``torch.cuda.max_memory_allocated``, split by phase of the step
+and by the planner's components). The plan for the same setup is printed beside it: for each phase,
+each component planned vs measured, and the storages of 8 MiB or more live at each measured peak.
+With ``--device cuda`` (one rank per GPU) the overall measured peak is the GPU's own
+``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
