@@ -44,7 +44,9 @@ def phase_bytes(shape: llama.LlamaConfig, setup, order: list[int]) -> dict[str, 
     backward (loss): log-softmax's output, the gradient arriving and the one leaving it (3 x 4 bytes
       per logit); or, in lm_head's backward, the logits' gradient with lm_head and the last layer
       gathered, whichever is larger.
-    backward (layers), the last layer's: the gathered layer and the unit before it (prefetched: the
+    backward (layers): the larger of two moments. In the final norm's backward: every saved activation
+      still alive, the last layer gathered (prefetched), the norm's five fp32 temporaries (x^2, the
+      products and the quotient of its backward). In the last layer's: the gathered layer and the unit before it (prefetched: the
       previous layer, or the embedding before layer 0) and one dequantized weight, plus, without
       checkpointing, in its MLP backward: the saved activations less the two already consumed (the
       final norm's fp32 input, down_proj's input) and the gradients flowing
@@ -86,8 +88,9 @@ def phase_bytes(shape: llama.LlamaConfig, setup, order: list[int]) -> dict[str, 
         "forward": max(at_loss, in_last_layer, key=lambda parts: sum(parts.values())),
         "backward (loss)": {"activations": saved, "logits + loss": max(12 * logits, lm_head_backward),
                             "gathered units": root},
-        "backward (layers)": {"dequantized weight": dequantized, **in_backward,
-                              "gathered units": root + layer + before_last},
+        "backward (layers)": max({"dequantized weight": dequantized, **in_backward, "gathered units": root + layer + before_last},
+                                 {"activations": saved, "backward": 5 * fp32_norm_input, "gathered units": root + layer},
+                                 key=lambda parts: sum(parts.values())),
         "optimizer": {"backward": 0 if setup.offload else math.ceil(4 * lora_parameters(shape, setup) / setup.world_size)},
     }
 
