@@ -191,16 +191,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def gathered_bytes(embedding: int, layer: int, head: int, n_layers: int, prefetch: bool) -> int:
-    """The most memory all-gathered at once. Units run in the order embedding, layers, lm_head; with
-    prefetch the next one is gathered while the current one computes, so the peak is the largest sum of
-    two neighbours. A tied lm_head shares the embedding, which then stays in the root, gathered."""
-    if head == 0:
-        return embedding + (2 if prefetch else 1) * layer
-    sizes = [embedding, *[layer] * n_layers, head]
-    return max(a + b for a, b in zip(sizes, sizes[1:])) if prefetch else max(sizes)
-
-
 def pinned_bytes(shard_sizes) -> int:
     """Pinned host memory for offloaded shards: PyTorch's host caching allocator rounds every pinned
     allocation up to a power of two (``CachingHostAllocator``), one allocation per flat group shard."""

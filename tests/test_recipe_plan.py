@@ -161,13 +161,22 @@ def test_layer_activation_formula_equals_what_autograd_saves(dtype):
     assert layer_activation_bytes(llama_config(config), setup) == sum(saved.values())
 
 
-def test_gathered_units_are_the_largest_pair_of_neighbours():
-    from recipe.plan import gathered_bytes
+def test_gathered_units_in_each_phase():
+    """Forward in the last layer: it and the prefetched lm_head; backward of the last layer: it and the
+    unit before it (the embedding when there is one layer); a tied embedding stays gathered all step."""
+    from recipe.plan import unit_bytes
 
-    assert gathered_bytes(embedding=10, layer=3, head=10, n_layers=4, prefetch=True) == 13   # embed + layer 0
-    assert gathered_bytes(embedding=1, layer=3, head=1, n_layers=4, prefetch=True) == 6      # two layers
-    assert gathered_bytes(embedding=10, layer=3, head=10, n_layers=4, prefetch=False) == 10  # one at a time
-    assert gathered_bytes(embedding=10, layer=3, head=0, n_layers=4, prefetch=True) == 16    # tied: root + 2 layers
+    setup = Setup(batch_size=1, seq_len=4, rank=4, activation_checkpointing=False)
+    for layers in (1, 2):
+        shape = llama_config({**TINY, "num_hidden_layers": layers, "vocab_size": 5000})
+        units = unit_bytes(shape, setup)
+        layer = units["codes"] + units["absmax"] + units["norms"] + units["lora_params"] * 2
+        p = plan(shape, setup)
+        assert p.phases["forward"]["gathered units"] == layer + units["head"]  # the larger moment here
+        before = units["embedding"] if layers == 1 else layer
+        assert p.phases["backward (layers)"]["gathered units"] in (layer + before, layer)
+    tied = plan(llama_config({**TINY, "tie_word_embeddings": True}), setup)
+    assert tied.phases["backward (loss)"]["gathered units"] == unit_bytes(tied.shape, setup)["embedding"]
 
 
 def _measure_phases(rank, world, model, out, flags):
