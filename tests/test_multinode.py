@@ -9,8 +9,8 @@ launcher's ranks and replicates across the two.
 * 4 ranks (2 x 2), the bundled model: full sharding (``--shard ours``), hybrid sharding (``--shard
   hybrid``) and FSDP2's HSDP (``--shard fsdp2-hybrid``) give the loss curve of one process training on
   the whole batch, and the same adapter; a hybrid run resumed from its checkpoint repeats the loss log
-  bit for bit; the bytes counted per collective in a training step are those of the arithmetic below
-  and of the planner (``recipe.links``).
+  bit for bit; the bytes counted per collective in a training step are those of the arithmetic below,
+  and the inter-node bytes those the planner (``recipe.links``) predicts, within 1%.
 * 8 ranks (2 x 4), a tiny random model: ``python -m recipe.train --shard hybrid`` itself, same curve.
 """
 import json
@@ -150,3 +150,32 @@ def test_eight_ranks_on_two_nodes_run_recipe_train_hybrid_like_one_process(tiny_
     assert "rank 0 of 8:" in "".join(outputs) and "hybrid sharding" in "".join(outputs)
     torch.testing.assert_close(curve(tmp_path / "hybrid" / "metrics.jsonl"),
                                curve(tmp_path / "one-process" / "metrics.jsonl"), rtol=1e-4, atol=0)
+
+
+def planned_inter_node_bytes(strategy: str) -> int:
+    """``recipe.links``' bytes per rank and step over the nodes' network, for this run's 2 x 2 ranks."""
+    import llama
+    from llama.pretrain import BUNDLED_MODEL
+    from recipe.links import collective_bytes
+    from recipe.plan import Setup
+
+    setup = Setup(world_size=4, batch_size=1, seq_len=16, rank=8, compute_bytes=4, activation_checkpointing=False,
+                  device="cpu")
+    planned = collective_bytes(llama.LlamaConfig.from_hf(BUNDLED_MODEL), setup, 2, 2, strategy)
+    return sum(by_link["inter"] for by_link in planned.values())
+
+
+@pytest.mark.slow
+def test_the_planned_inter_node_bytes_of_hybrid_sharding_are_those_counted(two_nodes_of_two):
+    counted = step_bytes(two_nodes_of_two, 1, "hybrid", rank=0)["replicate/all_reduce"]
+    assert counted == pytest.approx(planned_inter_node_bytes("hybrid"), rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="recipe.links counts bitsandbytes' code tables with every NF4 weight "
+                   "(1,088 bytes per linear) that our NF4 units do not hold or gather, and not the final norm's "
+                   "all-gather: +1.3% on the bundled model (6,920,544 planned vs 6,830,176 counted all-gather bytes)")
+def test_the_planned_inter_node_bytes_of_full_sharding_are_those_counted(two_nodes_of_two):
+    counted = step_bytes(two_nodes_of_two, 0, "ours", rank=0)
+    assert counted["shard/all_gather"] + counted["shard/reduce_scatter"] == \
+           pytest.approx(planned_inter_node_bytes("full"), rel=0.01)
