@@ -87,7 +87,9 @@ class PhaseMemory(TensorMemory):
             return "optimizer"
         if torch._C._current_graph_task_id() != -1:
             return "backward (loss)" if self.by_component["logits + loss"] else "backward (layers)"
-        return "forward" if self._trained else "build"
+        # a forward before training (the held-out loss) is a forward too: nf4's CPU workspace for the
+        # dequantized weight is allocated there once and reused by every later forward and backward
+        return "forward" if self._trained or self._module_depth > 0 else "build"
 
     def _classify(self, tensor: torch.Tensor) -> str:
         phase = self.phase()
