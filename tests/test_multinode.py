@@ -8,8 +8,8 @@ launcher's ranks and replicates across the two.
 
 * 4 ranks (2 x 2), the bundled model: full sharding (``--shard ours``), hybrid sharding (``--shard
   hybrid``) and FSDP2's HSDP (``--shard fsdp2-hybrid``) give the loss curve of one process training on
-  the whole batch, and the same adapter; a hybrid run resumed from its checkpoint repeats the loss log
-  bit for bit; the bytes counted per collective in a training step are those of the arithmetic below,
+  the whole batch, and the same adapter; a run of either hybrid resumed from its checkpoint repeats
+  the loss log bit for bit; the bytes counted per collective in a training step are those of the arithmetic below,
   and the inter-node bytes those the planner (``recipe.links``) predicts, within 1%.
 * 8 ranks (2 x 4), a tiny random model: ``python -m recipe.train --shard hybrid`` itself, same curve.
 """
@@ -69,7 +69,8 @@ def curve(path: Path) -> torch.Tensor:
 
 
 JOBS = [("ours", ["--shard", "ours"]), ("hybrid", ["--shard", "hybrid"]),
-        ("hybrid", ["--shard", "hybrid", "--resume"]), ("fsdp2-hybrid", ["--shard", "fsdp2-hybrid"])]
+        ("hybrid", ["--shard", "hybrid", "--resume"]), ("fsdp2-hybrid", ["--shard", "fsdp2-hybrid"]),
+        ("fsdp2-hybrid", ["--shard", "fsdp2-hybrid", "--resume"])]
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,13 @@ def test_two_nodes_train_like_one_process_with_the_whole_batch(two_nodes_of_two)
 
 
 @pytest.mark.slow
-def test_a_hybrid_run_resumed_from_its_checkpoint_repeats_the_loss_log(two_nodes_of_two):
-    whole, resumed = (records(two_nodes_of_two / f"{i}-hybrid.metrics.jsonl") for i in (1, 2))
+@pytest.mark.parametrize("name, jobs", [("hybrid", (1, 2)), ("fsdp2-hybrid", (3, 4))])
+def test_a_hybrid_run_resumed_from_its_checkpoint_repeats_the_loss_log(two_nodes_of_two, name, jobs):
     strip = ("tokens_per_s", "peak_rss_mib")  # timings and memory, not results
-    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in whole]  # bitwise: floats compared with ==
-    saved = sorted(p.name for p in (two_nodes_of_two / "hybrid" / "checkpoints" / "step-000002").iterdir())
+    whole, resumed = ([{k: v for k, v in r.items() if k not in strip}
+                       for r in records(two_nodes_of_two / f"{i}-{name}.metrics.jsonl")] for i in jobs)
+    assert resumed == whole  # bitwise: floats compared with ==
+    saved = sorted(p.name for p in (two_nodes_of_two / name / "checkpoints" / "step-000002").iterdir())
     assert saved == [f"rank{r}.{ext}" for r in range(4) for ext in ("json", "safetensors")]  # every replica
 
 

@@ -44,3 +44,16 @@ def test_the_layout_comes_from_the_node_size_or_shard_size(monkeypatch, local_wo
     else:
         with pytest.raises(ValueError, match=expected):
             sharders.hybrid_shape(shard_size)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_shape():
+    import torch
+
+    from recipe.twins.sharders import Unsharded
+
+    model = Unsharded(torch.nn.Linear(4, 2, bias=False))  # this rank's part: [2, 4]
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=r"trainable tensor 0 has shape \(2, 4\), the checkpoint's has \(4,\)"):
+        model.load_local_state(optimizer, {"param.0": torch.zeros(4)})  # e.g. a slice of another --shard-size
+    with pytest.raises(ValueError, match="the checkpoint's has None"):
+        model.load_local_state(optimizer, {})
