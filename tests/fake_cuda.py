@@ -55,7 +55,8 @@ def _caller() -> str:
     """"file:function" of the innermost frame outside this file and torch's private modules (dispatch,
     dynamo's wrappers): the code that asked for the number."""
     for frame in reversed(traceback.extract_stack()[:-2]):
-        if frame.filename != __file__ and "/torch/_" not in frame.filename and "/_python_dispatch" not in frame.filename:
+        private = "/torch/_" in frame.filename or "/_python_dispatch" in frame.filename
+        if frame.filename != __file__ and not private:
             path = Path(frame.filename)
             where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"{path.parent.name}/{path.name}"
             return f"{where}:{frame.name}"
@@ -71,8 +72,8 @@ class Recorder(TorchDispatchMode):
     def __init__(self, device: str, host_ok: bool = False):
         super().__init__()
         self.device, self.host_ok = torch.device(device), host_ok
-        self.ops, self.syncs, self.scalar_reads, self.collectives, self.wrong = 0, 0, 0, collections.Counter(), []
-        self.scalar_sources = collections.Counter()
+        self.ops, self.syncs, self.scalar_reads, self.wrong = 0, 0, 0, []
+        self.collectives, self.scalar_sources = collections.Counter(), collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -89,8 +90,11 @@ class Recorder(TorchDispatchMode):
         if name.startswith("c10d::"):
             self.collectives.update(f"{t.dtype}@{t.device}" for t in tree_leaves((args, kwargs))
                                     if isinstance(t, torch.Tensor))
-        self.ops += not name.startswith("prim::")  # prim ops are queries (a tensor's device), not kernels
-        if not name.startswith("prim::") and name not in TRANSFERS and devices - {self.device} and (len(devices) > 1 or not self.host_ok):
+        if name.startswith("prim::"):  # queries (a tensor's device), not kernels
+            return out
+        self.ops += 1
+        off_device = devices - {self.device}
+        if name not in TRANSFERS and off_device and (len(devices) > 1 or not self.host_ok):
             self.wrong.append(f"{name} on {sorted(map(str, devices))}")
         return out
 
@@ -118,8 +122,9 @@ class _Stream:
         pass
 
 
-def _cuda_runtime_stand_ins(events: list):
-    """torch.cuda's runtime calls the GPU path makes, answered without a GPU; event waits are counted."""
+def _cuda_runtime_stand_ins(events: list, cudart: mock.Mock) -> list:
+    """torch.cuda's runtime calls the GPU path makes, answered without a GPU; event waits are counted in
+    ``events``, page-locking calls in ``cudart``."""
     class Event:
         def record(self, stream=None):
             pass
@@ -127,8 +132,8 @@ def _cuda_runtime_stand_ins(events: list):
         def synchronize(self):
             events.append(1)
 
-    cudart = mock.Mock(cudaHostRegister=mock.Mock(return_value=0), cudaHostUnregister=mock.Mock(return_value=0))
-    stand_ins = {"Stream": lambda device=None: _Stream(), "Event": Event, "current_stream": lambda device=None: _Stream(),
+    stand_ins = {"Stream": lambda device=None: _Stream(), "Event": Event,
+                 "current_stream": lambda device=None: _Stream(),
                  "stream": lambda s: contextlib.nullcontext(), "cudart": lambda: cudart, "current_device": lambda: 0,
                  "set_device": lambda device: None, "reset_peak_memory_stats": lambda device=None: None,
                  "max_memory_allocated": lambda device=None: 0}
@@ -149,7 +154,9 @@ def fake_cuda_run(offload: bool, mistake: bool) -> dict:
     load_fake_cuda_guard()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     events, result = [], {}
-    patches = [*_cuda_runtime_stand_ins(events), mock.patch("torch.distributed.get_backend", lambda group=None: "nccl"),
+    cudart = mock.Mock(cudaHostRegister=mock.Mock(return_value=0), cudaHostUnregister=mock.Mock(return_value=0))
+    patches = [*_cuda_runtime_stand_ins(events, cudart),
+               mock.patch("torch.distributed.get_backend", lambda group=None: "nccl"),
                mock.patch.object(llama, "iter_checkpoint", _host_reads(llama.iter_checkpoint))]
     with contextlib.ExitStack() as stack, FakeTensorMode(allow_non_fake_inputs=True):
         for patch in patches:
@@ -171,8 +178,9 @@ def fake_cuda_run(offload: bool, mistake: bool) -> dict:
         result["eval"] = rec.report()
         with Recorder("cuda:0", host_ok=True) as rec:
             adapter = built.trainable.trainable_state_dict()
-        result["adapter"] = {**rec.report(), "tensors": sorted({f"{t.dtype}@{t.device}" for t in adapter.values()})}
-    result["event_waits"] = len(events)
+        result["adapter"] = {**rec.report(),
+                             "tensors": sorted({f"{t.dtype}@{t.device}" for t in adapter.values()})}
+    result["event_waits"], result["pinned_arenas"] = len(events), cudart.cudaHostRegister.call_count
     return result
 
 

@@ -21,6 +21,7 @@ Not covered, because fake tensors or a CPU build cannot run them:
 - anything about time or memory: overlap of the copy stream, allocator fragmentation, real peaks.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,9 @@ HOST_ONLY_READERS = {"llama/model.py:<genexpr>", "optim/optimizer.py:_get_value"
 
 
 def _run(options: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "fake_cuda.py"), json.dumps(options)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -53,7 +55,8 @@ def check_on_device(phases: dict) -> None:
             assert device == "cuda:0" and dtype in NCCL_DTYPES, f"{name}: NCCL cannot take a {collective} tensor"
 
 
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="the fake CUDA device guard needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None,
+                                    reason="the fake CUDA device guard is compiled: it needs a C++ compiler")
 
 
 @needs_compiler
@@ -70,6 +73,7 @@ def test_gpu_path_on_fake_cuda(offload):
     assert result["eval"]["syncs"] <= 2                      # one held-out batch: its loss, then the mean
     assert result["forward"]["ops"] <= MAX_FORWARD_OPS
     assert result["event_waits"] == 0                        # no backward ran: no gradient copy to wait for
+    assert result["pinned_arenas"] == int(offload)           # offload page-locks one exact arena per rank
 
 
 @needs_compiler
