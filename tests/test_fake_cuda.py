@@ -32,8 +32,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NCCL_DTYPES = {"torch.int8", "torch.uint8", "torch.int32", "torch.int64", "torch.float16", "torch.bfloat16",
                "torch.float32", "torch.float64"}
-# Regression bounds measured on the bundled model (2 layers' view of rank 0 of 2): raise them only with a reason.
-MAX_FORWARD_OPS = 7000
+# Regression bounds, measured on the bundled model with some headroom (raise them only with a reason): a
+# forward on fake CUDA dispatched 2,941 ops (dequantize by the PyTorch fallback: on a GPU the Triton kernel
+# is one launch per linear), a CPU step of 2 micro-batches about 10,700.
+MAX_FORWARD_OPS = 4000
 MAX_STEP_OPS = 12000
 HOST_ONLY_READERS = {"llama/model.py:<genexpr>", "optim/optimizer.py:_get_value"}
 
