@@ -16,7 +16,10 @@ Pure arithmetic on the config's numbers, one line per kind of memory (chapter 7 
 * transient: what one step adds, phase by phase (``recipe/phases.py``): the forward at the loss (the
   saved activations, the logits and cross-entropy's fp32 copies), the backward at the loss, the
   last layer's backward (its recomputation with checkpointing, the gathered layer and the prefetched
-  one, one dequantized weight, the gradients flowing), the optimizer (the LoRA gradients). The peak is
+  one, one dequantized weight, the gradients flowing), the optimizer (the LoRA gradients). On a GPU the
+  dequantized weight is a per-call temporary; on the CPU (``Setup.device="cpu"``) ``nf4.Linear4bit``
+  writes it into one reused workspace the size of the largest linear, kept from the first forward on,
+  so it is live in every phase, and each call adds only its scratch. The peak is
   the persistent bytes plus the largest phase -- not the sum of every term, which are never all alive
   at once -- and the table names the phase and lists what is live in it.
 
@@ -86,7 +89,7 @@ class Setup:
     block_size: int = 64
     double_quant: bool = True
     prefetch: bool = True
-    device: str = "cuda"           # "cpu": the CPU's dequantization workspace counts too
+    device: str = "cuda"           # "cpu": nf4's CPU dequantization workspace and scratch instead
 
     def __post_init__(self):
         for name in ("world_size", "gpu_bytes", "batch_size", "seq_len", "rank", "block_size"):
@@ -250,7 +253,8 @@ def plan(config, setup: Setup | None = None) -> Plan:
     phases = phase_bytes(shape, setup, order)
     peak = max(phases.values(), key=lambda parts: sum(parts.values()))
     describe = {"gathered units": "all-gathered units live together (prefetch)",
-                "dequantized weight": "the largest linear, one at a time",
+                "dequantized weight": ("nf4's CPU workspace (largest linear, kept) + scratch" if setup.device == "cpu"
+                                       else "the largest linear, one at a time"),
                 "activations": "saved for backward" + (" (layer inputs)" if setup.activation_checkpointing else ""),
                 "recompute": "one layer's activations, recomputed", "backward": "gradients flowing through one layer",
                 "logits + loss": "logits and cross-entropy's fp32 copies"}
