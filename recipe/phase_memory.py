@@ -18,7 +18,8 @@ components when it is created, and keeps, for each phase of the step, the peak a
                                     held-out loss before training) and live in every phase after
                 logits + loss       a tensor whose last dimension is the vocabulary
                 activations         any other storage created in forward (kept for backward or not)
-                recompute           created in backward while a module's forward runs (checkpointing)
+                recompute           created in backward while a module's forward runs or a checkpointed
+                                    layer is recomputed
                 backward            any other storage created in backward (gradients flowing, LoRA grads)
 
 The split is by where and when a storage is made, not by what the planner predicts, so comparing the
@@ -104,7 +105,7 @@ class PhaseMemory(TensorMemory):
         if tensor.dim() == 1 and (tensor.numel() in self.weight_numels or not tensor.is_floating_point()):
             return "dequantized weight"  # the weight (or CPU workspace), its fp32 absmax, the CPU path's scratch
         if phase.startswith("backward"):
-            return "recompute" if self._module_depth > 0 else "backward"
+            return "recompute" if self._module_depth > 0 or recomputing() else "backward"
         return "activations"
 
     # ------------------------------------------------------------------ TensorMemory's bookkeeping, per component
@@ -161,6 +162,15 @@ class PhaseMemory(TensorMemory):
             self._new = []
             self._set_phase_peak()
         return out
+
+
+def recomputing() -> bool:
+    """Whether ``torch.utils.checkpoint`` (non-reentrant) is recomputing a forward: its recomputation
+    saved-tensor hooks are the innermost ones. It calls the checkpointed layer's own ``forward``
+    without that module's hooks, so module depth alone would miss the ops of the layer's body (the
+    residual sums). Reads torch's private hook stack (``torch._C._autograd``)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return top is not None and "_recomputation_hook" in getattr(top[0], "__qualname__", "")
 
 
 def train_with_phase_memory(argv) -> dict:
