@@ -50,8 +50,7 @@ GiB = 1024 ** 3
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = ATTENTION + MLP
-NF4_TABLE_BYTES = 16 * 4          # the 16-value NF4 code book (fp32), stored with each quantized weight
-DQ_TABLE_BYTES = 256 * 4 + 4      # double quant: the 8-bit code book (fp32) and the absmax mean offset
+DQ_OFFSET_BYTES = 4               # double quant: the fp32 mean subtracted from the absmax before quantizing it
 
 
 def llama_config(config) -> llama.LlamaConfig:
@@ -105,14 +104,14 @@ class Setup:
 
 
 def quantized_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> tuple[int, int]:
-    """(code bytes, absmax bytes) of one NF4 weight: two codes per byte; one absmax per block, fp32, or
-    with double quantization 8 bits per block plus an fp32 scale per 256 blocks and the code tables."""
+    """(code bytes, absmax bytes) of one ``nf4.QuantizedWeight``: two codes per byte; one absmax per block,
+    fp32, or with double quantization 8 bits per block plus an fp32 scale per 256 blocks and the fp32
+    offset. The code books are constants of the ``nf4`` package, not stored with each weight (bitsandbytes'
+    quant state carries them: 1,088 more bytes per weight)."""
     blocks = math.ceil(numel / block_size)
     if double_quant:
-        absmax = blocks + 4 * math.ceil(blocks / 256) + DQ_TABLE_BYTES
-    else:
-        absmax = 4 * blocks
-    return math.ceil(numel / 2), absmax + NF4_TABLE_BYTES
+        return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / 256) + DQ_OFFSET_BYTES
+    return math.ceil(numel / 2), 4 * blocks
 
 
 def lora_parameters(shape: llama.LlamaConfig, setup: Setup) -> int:

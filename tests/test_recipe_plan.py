@@ -15,12 +15,21 @@ def row(p, name):
 
 
 def test_nf4_bytes_of_one_weight():
-    # 4096 weights: 2048 code bytes; 64 blocks -> 64 one-byte absmax + one fp32 scale (4) + tables 1028 + 64
-    assert quantized_bytes(4096, 64, double_quant=True) == (2048, 64 + 4 + 1028 + 64)
-    # without double quant: 64 fp32 absmax = 256 bytes (+ the 64-byte NF4 table)
-    assert quantized_bytes(4096, 64, double_quant=False) == (2048, 256 + 64)
+    # 4096 weights: 2048 code bytes; 64 blocks -> 64 one-byte absmax + one fp32 scale (4) + the fp32 offset (4)
+    assert quantized_bytes(4096, 64, double_quant=True) == (2048, 64 + 4 + 4)
+    # without double quant: 64 fp32 absmax = 256 bytes
+    assert quantized_bytes(4096, 64, double_quant=False) == (2048, 256)
     # odd counts round up: 65 weights -> 33 bytes, 2 blocks
-    assert quantized_bytes(65, 64, double_quant=False) == (33, 8 + 64)
+    assert quantized_bytes(65, 64, double_quant=False) == (33, 8)
+
+
+@pytest.mark.parametrize("numel, double_quant", [(4096, True), (4096, False), (65 * 300, True), (65, False)])
+def test_nf4_bytes_are_what_nf4_stores(numel, double_quant):
+    import nf4
+
+    q = nf4.quantize(torch.randn(numel), block_size=64, double_quant=double_quant)
+    stored = [t for t in (q.absmax, q.nested_absmax, q.offset) if t is not None]
+    assert quantized_bytes(numel, 64, double_quant) == (q.packed.nbytes, sum(t.nbytes for t in stored))
 
 
 def test_bits_per_parameter_of_a_70b_matrix_is_4_127():
