@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 import llama
 
-from . import checkpoint, data
-from .adapter import base_shape, save_trained_adapter
+from . import checkpoint, data, fingerprint
+from .adapter import save_trained_adapter
 from .build import BuildOptions, Built, build
 from .device import device_peak_mib, memory_budget, reset_device_peak
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
@@ -45,14 +45,6 @@ class JobConfig:
     resume: bool = False                # continue from <out>/checkpoints/latest
     memory_gib: float | None = None     # memory per rank for the plan check (default: what the device has)
     track_memory: bool = False          # count live tensor bytes (slower)
-
-    def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
-        """The settings a checkpoint must share with the run that resumes it."""
-        b, loop = self.build, self.loop
-        return {"quant": b.quant, "lora": b.lora, "shard": b.shard, "rank": b.rank, "alpha": b.alpha,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": loop.grad_accum,
-                "steps": loop.steps, "lr": loop.lr, "seed": b.seed, "target_modules": ",".join(b.target_modules),
-                "dtype": dtype_name(b.compute_dtype), "base": base_shape(model_config)}
 
 
 @dataclasses.dataclass
@@ -103,14 +95,14 @@ def enable_activation_checkpointing(layers) -> None:
         layer.forward = partial(recompute, layer.forward, use_reentrant=False)
 
 
-def prepare_run(config: JobConfig, built: Built, corpus: Corpus, model_config: llama.LlamaConfig) -> Run:
+def prepare_run(config: JobConfig, built: Built, corpus: Corpus) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     optimizer = torch.optim.AdamW(built.parameters, lr=config.loop.lr, weight_decay=0.0)
     sampler = data.Sampler(corpus.train, config.batch_size, rank, world, seed=config.build.seed)
     return Run(built.trainable, optimizer, sampler,
                heldout=lambda: data.eval_batches(corpus.heldout, config.batch_size, config.eval_batches, rank, world),
                device=built.device, rank=rank, tokens_per_step=world * config.batch_size * config.seq_len
-               * config.loop.grad_accum, fingerprint=config.fingerprint(model_config))
+               * config.loop.grad_accum, fingerprint=fingerprint.of_job(config))
 
 
 def resume(run: Run, config: JobConfig, log: Log) -> int:
@@ -146,7 +138,7 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
     built = builder(config.build)
     if config.activation_checkpointing:
         enable_activation_checkpointing(built.model.model.layers)
-    run = prepare_run(config, built, corpus, model_config)
+    run = prepare_run(config, built, corpus)
     start = resume(run, config, log)
     if rank == 0:
         trim_metrics(config.loop.out / "metrics.jsonl", start)
