@@ -30,7 +30,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .files import replace_directory, temporary_sibling, write_bytes_durably, write_text_atomically
 from .fingerprint import differences
@@ -38,7 +39,7 @@ from .fingerprint import differences
 LATEST = "latest"
 RNG_KEYS = ("rng", "cuda_rng")
 BOOKKEEPING = ("step", "world_size", "sampler")  # the JSON keys that are not the fingerprint
-SAME_KIND = {e.__name__: e for e in (ValueError, TypeError, FileNotFoundError, OSError)}  # re-raised as such
+SAME_KIND = (ValueError, TypeError, FileNotFoundError, OSError)  # another rank's error is re-raised as its kind
 
 
 def _on_every_rank(action):
@@ -49,13 +50,13 @@ def _on_every_rank(action):
     except Exception as error:
         result, failure = None, error
     failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, None if failure is None else (type(failure).__name__, str(failure)))
+    kind = None if failure is None else next((k for k in type(failure).__mro__ if k in SAME_KIND), RuntimeError)
+    dist.all_gather_object(failures, None if failure is None else (kind.__name__, str(failure)))
     if failure is not None:
         raise failure
     for rank, found in enumerate(failures):
         if found is not None:
-            kind = SAME_KIND.get(found[0], RuntimeError)
-            raise kind(f"rank {rank}: {found[1]}" if kind is not RuntimeError else f"rank {rank}: {found[0]}: {found[1]}")
+            raise {k.__name__: k for k in SAME_KIND}.get(found[0], RuntimeError)(f"rank {rank}: {found[1]}")
     return result
 
 
@@ -70,7 +71,7 @@ def serialize(state: dict[str, torch.Tensor], meta: dict) -> tuple[bytes, str]:
             raise TypeError(f"checkpoint state {name!r} must be a tensor, got {type(value).__name__}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"checkpoint state {name!r} has non-finite values (the run diverged); not saved")
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    data = safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     return data, json.dumps(meta, indent=1, allow_nan=False) + "\n"
 
 
