@@ -1,6 +1,6 @@
 """What a checkpoint must share with the run that resumes it, and the error naming what differs.
 
-    fp = of_job(config)                   # {"build.dora": False, "seq_len": 128, "data.files.a.txt": [...], ...}
+    fp = of_job(config, model_config)     # {"build.dora": False, "seq_len": 128, "data.files.a.txt": [...], ...}
     differences(saved_fp, fp)             # "build.dora: False in the checkpoint, True now; ..."
 
 The fingerprint is built from the fields of ``recipe.job.JobConfig`` (its ``BuildOptions`` and
@@ -21,8 +21,6 @@ import torch
 
 import llama
 
-from .data import pydoc_topics_path
-
 # Fields that change neither the shapes of the saved state nor the numbers a step computes: a resumed run
 # may set them differently (write elsewhere, evaluate or save at another rhythm, move to another device,
 # recompute activations, offload).
@@ -30,22 +28,21 @@ MAY_CHANGE = frozenset({"loop.out", "loop.progress", "loop.eval_every", "loop.sa
                         "track_memory", "eval_batches", "activation_checkpointing", "build.offload", "build.device"})
 
 
-def model_identity(model: str | Path) -> dict:
-    """The model's ``config.json`` fields and the byte size of each of its files."""
-    directory = Path(model)
-    config = dataclasses.asdict(llama.LlamaConfig.from_hf(directory))
-    return {"config": config, "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}}
+def model_identity(model: str | Path, config: llama.LlamaConfig) -> dict:
+    """The model's config fields and the byte size of each of its files."""
+    files = sorted(p for p in Path(model).iterdir() if p.is_file())
+    return {"config": dataclasses.asdict(config), "files": {p.name: p.stat().st_size for p in files}}
 
 
-def files_identity(data: str | Path | None) -> dict:
-    """``{name: [size, sha256]}`` of the data file, every file under the data directory, or the pydoc topics."""
-    path = pydoc_topics_path() if data is None else Path(data)
+def files_identity(data) -> dict | str | None:
+    """``{name: [size, sha256]}`` of the data file or of every file under the data directory; any other
+    value of ``data`` (None, a corpus name) as it is."""
+    path = Path(data) if data is not None else None
+    if path is None or not path.exists():
+        return data
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return {"files": {(p.relative_to(path).as_posix() if path.is_dir() else p.name):
                       [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()] for p in files}}
-
-
-IDENTITIES = {"build.model": model_identity, "data": files_identity}
 
 
 def _plain(value):
@@ -59,28 +56,36 @@ def _plain(value):
     return str(value)
 
 
-def _flatten(key: str, value, into: dict) -> None:
+def _flatten(key: str, value, into: dict, identities: dict) -> None:
     if dataclasses.is_dataclass(value):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         for name, item in value.items():
             child = f"{key}.{name}" if key else name
             if child not in MAY_CHANGE:
-                _flatten(child, IDENTITIES[child](item) if child in IDENTITIES else item, into)
+                _flatten(child, identities[child](item) if child in identities else item, into, identities)
     else:
         into[key] = _plain(value)
 
 
-def of_job(config) -> dict:
-    """The flat fingerprint of a ``JobConfig``: ``{dotted field: JSON value}``."""
-    flat = {}
-    _flatten("", config, flat)
-    return flat
+def flat(value: dict) -> dict:
+    """A nested dict as ``{dotted key: JSON value}``."""
+    into = {}
+    _flatten("", value, into, {})
+    return into
+
+
+def of_job(config, model_config: llama.LlamaConfig) -> dict:
+    """The flat fingerprint of a ``JobConfig`` whose model has ``model_config``: ``{dotted field: JSON value}``."""
+    into = {}
+    _flatten("", config, into, {"build.model": lambda model: model_identity(model, model_config),
+                                "data": files_identity})
+    return into
 
 
 def differences(saved: dict, now: dict) -> str:
-    """``""`` when ``saved`` and ``now`` agree, else each differing key with its two values."""
-    absent = "(absent)"
+    """``""`` when ``saved`` and ``now`` agree, else each differing (dotted) key with its two values."""
+    saved, now, absent = flat(saved), flat(now), "(absent)"
     changed = [f"{key}: {saved.get(key, absent)!r} in the checkpoint, {now.get(key, absent)!r} now"
                for key in sorted(set(saved) | set(now)) if saved.get(key, absent) != now.get(key, absent)]
     return "; ".join(changed)

@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 import llama
 
-from . import checkpoint, data, fingerprint
+from . import checkpoint, data
 from .adapter import save_trained_adapter
 from .build import BuildOptions, Built, build
 from .device import device_peak_mib, memory_budget, reset_device_peak
+from .fingerprint import of_job
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import ALL_LINEAR, GiB, Setup, plan
@@ -45,6 +46,10 @@ class JobConfig:
     resume: bool = False                # continue from <out>/checkpoints/latest
     memory_gib: float | None = None     # memory per rank for the plan check (default: what the device has)
     track_memory: bool = False          # count live tensor bytes (slower)
+
+    def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
+        """The settings a checkpoint must share with the run that resumes it (``recipe.fingerprint``)."""
+        return of_job(self, model_config)
 
 
 @dataclasses.dataclass
@@ -95,14 +100,14 @@ def enable_activation_checkpointing(layers) -> None:
         layer.forward = partial(recompute, layer.forward, use_reentrant=False)
 
 
-def prepare_run(config: JobConfig, built: Built, corpus: Corpus) -> Run:
+def prepare_run(config: JobConfig, built: Built, corpus: Corpus, model_config: llama.LlamaConfig) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     optimizer = torch.optim.AdamW(built.parameters, lr=config.loop.lr, weight_decay=0.0)
     sampler = data.Sampler(corpus.train, config.batch_size, rank, world, seed=config.build.seed)
     return Run(built.trainable, optimizer, sampler,
                heldout=lambda: data.eval_batches(corpus.heldout, config.batch_size, config.eval_batches, rank, world),
                device=built.device, rank=rank, tokens_per_step=world * config.batch_size * config.seq_len
-               * config.loop.grad_accum, fingerprint=fingerprint.of_job(config))
+               * config.loop.grad_accum, fingerprint=config.fingerprint(model_config))
 
 
 def resume(run: Run, config: JobConfig, log: Log) -> int:
@@ -138,7 +143,7 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
     built = builder(config.build)
     if config.activation_checkpointing:
         enable_activation_checkpointing(built.model.model.layers)
-    run = prepare_run(config, built, corpus)
+    run = prepare_run(config, built, corpus, model_config)
     start = resume(run, config, log)
     if rank == 0:
         trim_metrics(config.loop.out / "metrics.jsonl", start)

@@ -122,8 +122,8 @@ def cli(argv=None, on_step: StepCallback | None = None) -> None:
         # handles of finished async all-gathers. Collect them now, while torch.distributed is whole: left
         # to interpreter shutdown, a rank aborted ("terminate called without an active exception") in
         # about 1 run in 4 on a loaded CPU. Then close the group, as torch.distributed asks.
-        gc.collect()
         if dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
