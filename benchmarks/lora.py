@@ -1,6 +1,7 @@
 """QLoRA linear layer, side by side: forward+backward time and what autograd saves, in one run.
 
-    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 3] [--device cuda]
+    python -m benchmarks.lora [--tokens 2048] [--features 4096] [--rank 16] [--repeats 5] [--threads N] [--device cuda]
+    python -m benchmarks.lora --quick      # tiny sizes, seconds: checks that every variant still runs
 
 One 4096x4096 base, 2048 tokens, LoRA rank 16, bf16 compute and bf16 adapters, input requiring grad:
 
@@ -10,14 +11,20 @@ One 4096x4096 base, 2048 tokens, LoRA rank 16, bf16 compute and bf16 adapters, i
   (d) plain nn.Linear full fine-tuning (bf16 weight with a gradient)
 
 Time: one forward+backward, repeated ``--repeats`` times after one warm-up, the variants interleaved in
-each repeat (so a noisy neighbour slows all of them alike); the fastest and the median are shown, the
-ratios use the fastest (the least disturbed run, as ``timeit`` advises on a shared machine). Saved: the bytes autograd keeps between
+each repeat, each repeat starting at the next variant (so a noisy neighbour slows all of them alike); the fastest and the median are shown, the
+ratios use the fastest (the least disturbed run, as ``timeit`` advises on a shared machine). On the CPU the
+process's CPU time (``time.process_time``, all its threads) is shown too, as the median: it counts the work
+done, not the time spent waiting for a core, so it is the steadier number when other jobs load the
+machine. Saved: the bytes autograd keeps between
 forward and backward that are new allocations (`lora.activation_bytes`; a saved reference to a model
-parameter costs nothing and is left out). Targets (issue 3): (a) time <= 1.0x (c), saved bytes <= (c).
+parameter costs nothing and is left out). Targets: (a) and (b) time <= 1.0x (c), saved bytes <= (c).
+(a) and (b) differ only in the base's dequantization (nf4 vs bitsandbytes); (b) and (c) only in the LoRA
+layer around the same bitsandbytes base.
 """
 import argparse
 import copy
 import statistics
+import time
 import warnings
 
 import torch
@@ -68,23 +75,47 @@ VARIANTS = {
 REFERENCE = "(c) PEFT over bnb Linear4bit"
 
 
-def forward_backward(module, x, grad_out) -> float:
+def forward_backward(module, x, grad_out) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one forward+backward."""
+    cpu = time.process_time()
     elapsed = timed(lambda: module(x).backward(grad_out), x.device)
+    cpu = time.process_time() - cpu
     x.grad = None
     module.zero_grad(set_to_none=True)
-    return elapsed
+    return elapsed, cpu
 
 
-def main():
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--features", type=positive_int, default=4096, help="a multiple of 64 (the NF4 block)")
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="64 tokens, 256 features, rank 4, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.features, args.rank, args.repeats = 64, 256, 4, 2
+    if args.features % 64:
+        parser.error(f"--features must be a multiple of 64 (the NF4 block size), got {args.features}")
+    if args.rank > args.features:
+        parser.error(f"--rank must be <= --features ({args.features}), got {args.rank}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+        parser.error("--device cuda: no CUDA GPU visible to torch")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -110,27 +141,32 @@ def main():
         output.backward(grad_out)
         saved[name] = records
         forward_backward(module, x, grad_out)  # warm-up
-    times = {name: [] for name in modules}
-    for _ in range(args.repeats):
-        for name, module in modules.items():
-            times[name].append(forward_backward(module, x, grad_out))
+    times, order = {name: [] for name in modules}, list(modules)
+    for repeat in range(args.repeats):  # each repeat starts at another variant: none always runs first
+        for name in order[repeat % len(order):] + order[:repeat % len(order)]:
+            times[name].append(forward_backward(modules[name], x, grad_out))
 
-    ref_time = min(times[REFERENCE]) if REFERENCE in times else float("nan")
+    wall = {name: [w for w, _ in runs] for name, runs in times.items()}
+    cpu = {name: statistics.median(c for _, c in runs) for name, runs in times.items()}
+    ref_time = min(wall[REFERENCE]) if REFERENCE in wall else float("nan")
+    ref_cpu = cpu.get(REFERENCE, float("nan"))
     ref_bytes = lora.activation_bytes(saved[REFERENCE]) if REFERENCE in saved else float("nan")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"QLoRA linear {args.features}x{args.features}, {args.tokens} tokens, r={args.rank}, bf16 compute, "
           f"torch {torch.__version__}, {where}, {args.repeats} repeats")
     print()
-    print("| variant | fwd+bwd ms, min (median) | time vs (c) | saved activations MiB | saved vs (c) | saved tensors (activation / param ref) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | fwd+bwd ms, min (median) | time vs (c) | CPU ms, median | CPU vs (c) | saved activations MiB | "
+          "saved vs (c) | saved tensors (activation / param ref) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in VARIANTS:
         if name in notes:
-            print(f"| {name} | n/a | | | | {notes[name]} |")
+            print(f"| {name} | n/a | | | | | | {notes[name]} |")
             continue
-        fastest, median = min(times[name]), statistics.median(times[name])
+        fastest, median = min(wall[name]), statistics.median(wall[name])
         nbytes = lora.activation_bytes(saved[name])
         n_act = sum(not r.is_parameter for r in saved[name])
-        print(f"| {name} | {1e3 * fastest:.0f} ({1e3 * median:.0f}) | {fastest / ref_time:.2f}x | {nbytes / 2**20:.2f} | "
+        print(f"| {name} | {1e3 * fastest:.0f} ({1e3 * median:.0f}) | {fastest / ref_time:.2f}x | {1e3 * cpu[name]:.0f} | "
+              f"{cpu[name] / ref_cpu:.2f}x | {nbytes / 2**20:.2f} | "
               f"{nbytes / ref_bytes:.2f}x | {n_act} / {len(saved[name]) - n_act} |")
     print()
     print("Each step dequantizes the base weight twice (forward, and again in backward). One dequantization, "

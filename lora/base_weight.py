@@ -32,6 +32,8 @@ def _bnb_quant_state(weight):
 
 def is_quantized(base: nn.Module) -> bool:
     """True when the base stores its weight in a quantized form (anything but a plain float tensor)."""
+    if not is_linear_like(base):
+        raise TypeError(f"is_quantized: base must be linear-like (in_features, out_features, weight); got {type(base).__name__}")
     weight = base.weight
     return _bnb_quant_state(weight) is not None or not isinstance(weight, torch.Tensor)
 
@@ -42,6 +44,10 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype | None = None) -> tor
     Nothing here records autograd history: the base is frozen, and callers use the result inside
     ``torch.no_grad()`` or a custom autograd Function's backward.
     """
+    if not isinstance(base, nn.Module) or not is_linear_like(base):
+        raise TypeError(f"base must be a linear-like module (in_features, out_features, weight); got {type(base).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating-point torch.dtype; got {dtype!r}")
     weight = base.weight
     quant_state = _bnb_quant_state(weight)
     if quant_state is not None:

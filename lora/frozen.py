@@ -16,14 +16,16 @@ what lets a sharding wrapper free the gathered weight after forward and gather i
 Beside, not fused. The LoRA path ``scale * B(A(dropout(x)))`` stays in ordinary autograd, *beside* this
 Function. Fusing both into one Function would save exactly the same tensors -- ``x`` (or ``dropout(x)``)
 for dL/dA and ``A x`` for dL/dB are needed either way, and the base path needs none -- and the same
-matmuls, so it would buy no memory and no FLOPs, while losing what autograd gives for free on the LoRA
-path: dropout's mask, DoRA's extra terms, dtype casts, and gradient checks against plain PyTorch.
-(Unsloth fuses to reuse buffers inside one kernel; on top of ``torch.matmul`` there is nothing to reuse.)
+matmuls. It would buy one elementwise pass in backward (autograd adds the two dL/dx contributions; a
+fused backward could accumulate the second inside its GEMM), while losing what autograd gives for free on
+the LoRA path: dropout's mask, DoRA's extra terms, dtype casts, and gradient checks against plain PyTorch.
+The forward needs no fusion: `LoRALinear` adds ``s * (A x) B^T`` onto this Function's output inside the
+B GEMM (``torch.addmm`` with ``alpha = s``), so no ``[tokens, out]`` temporary is made for the update.
 """
 import torch
 from torch import nn
 
-from .base_weight import dequantized_weight
+from .base_weight import dequantized_weight, is_linear_like
 
 
 class FrozenLinear(torch.autograd.Function):
@@ -45,4 +47,8 @@ class FrozenLinear(torch.autograd.Function):
 
 def frozen_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply the frozen ``base`` to ``x`` through `FrozenLinear`."""
+    if not isinstance(base, nn.Module) or not is_linear_like(base):
+        raise TypeError(f"frozen_linear: base must be a linear-like module; got {type(base).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"frozen_linear: x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
     return FrozenLinear.apply(x, base)

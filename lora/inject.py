@@ -16,18 +16,26 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from .base_weight import is_linear_like, is_quantized
-from .layer import LoRALinear
+from .layer import LoRALinear, check_hyperparameters
 
 
 def _matches_entry(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def check_model(model, caller: str) -> None:
+    """TypeError unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module; got {type(model).__name__}")
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Every `LoRALinear` in ``model`` with its module name."""
+    check_model(model, "lora_layers")
     return ((name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear))
 
 
@@ -41,14 +49,19 @@ def _candidates(model: nn.Module) -> list[str]:
 
 def select_targets(model: nn.Module, target_modules: str | Sequence[str], exclude: Sequence[str] = ("lm_head",)) -> list[str]:
     """The module names ``target_modules`` selects (module docstring); ValueError for a pattern matching nothing."""
-    if isinstance(exclude, str):
-        raise TypeError(f"exclude must be a list/tuple of names, not the string {exclude!r}")
+    check_model(model, "select_targets")
+    if isinstance(exclude, str) or not isinstance(exclude, Sequence) or not all(isinstance(e, str) for e in exclude):
+        raise TypeError(f"exclude must be a list/tuple of names; got {exclude!r}")
     names = [n for n in _candidates(model) if not any(_matches_entry(n, e) for e in exclude)]
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             selected = names
         else:
-            selected = [n for n in names if re.fullmatch(target_modules, n)]
+            try:
+                pattern = re.compile(target_modules)
+            except re.error as err:
+                raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({err})") from None
+            selected = [n for n in names if pattern.fullmatch(n)]
         unmatched = [] if selected else [target_modules]
     elif isinstance(target_modules, Sequence) and target_modules and all(isinstance(t, str) for t in target_modules):
         selected = [n for n in names if any(_matches_entry(n, t) for t in target_modules)]
@@ -69,7 +82,11 @@ def inject(model: nn.Module, target_modules: str | Sequence[str] = "all-linear",
 
     Returns the wrapped module names. ``layer_kwargs`` go to `LoRALinear` (e.g. ``dtype``).
     """
+    check_hyperparameters(r, alpha, dropout, rslora, dora, layer_kwargs.get("dtype", torch.float32))
     targets = select_targets(model, target_modules, exclude)
+    too_small = [n for n in targets if r > min(model.get_submodule(n).in_features, model.get_submodule(n).out_features)]
+    if too_small:
+        raise ValueError(f"r={r} exceeds min(in_features, out_features) of {too_small[:4]}; choose r <= the smaller side")
     model.requires_grad_(False)
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
@@ -85,18 +102,21 @@ def inject(model: nn.Module, target_modules: str | Sequence[str] = "all-linear",
 
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its base weight (`LoRALinear.merge`); forward then skips the adapters."""
+    check_model(model, "merge")
     for _, layer in lora_layers(model):
         layer.merge()
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo `merge` on every adapter."""
+    check_model(model, "unmerge")
     for _, layer in lora_layers(model):
         layer.unmerge()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that require a gradient (after `inject`: the adapters), ready for an optimizer."""
+    check_model(model, "trainable_parameters")
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -106,7 +126,7 @@ class ParameterCount(NamedTuple):
 
     def __str__(self) -> str:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || " \
-               f"trainable%: {100 * self.trainable / self.total:.4f}"
+               f"trainable%: {100 * self.trainable / max(self.total, 1):.4f}"
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -115,6 +135,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     (Its packed storage holds two 4-bit values per byte; PEFT likewise counts a 4-bit weight as 2 x its
     uint8 elements.) Shared (tied) tensors are counted once.
     """
+    check_model(model, "count_parameters")
     seen, trainable, total = set(), 0, 0
     for module in model.modules():  # modules() yields a shared module once
         if is_linear_like(module) and not isinstance(module, LoRALinear) and is_quantized(module):

@@ -11,7 +11,11 @@ module's state-dict keys PEFT's, minus PEFT's adapter name.
 
 The base runs through `FrozenLinear` (frozen.py): no weight gradient, nothing saved, the weight
 dequantized again in backward. The adapter runs in plain autograd in ``dtype`` (float32 by default,
-like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back.
+like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back. The scale s
+multiplies the small ``[tokens, r]`` tensor ``A x``, never a ``[tokens, out]`` one; when the adapter and
+the base compute in one dtype, ``torch.addmm(base(x), A x, B^T, alpha=s)`` adds the update inside the B
+GEMM, so the forward makes no ``[tokens, out]`` temporary beside the base output (PEFT makes three: the
+B output, its scaled copy, and the sum).
 """
 import math
 
@@ -20,6 +24,25 @@ from torch import nn
 
 from .base_weight import dequantized_weight, is_linear_like, replace_weight
 from .frozen import frozen_linear
+
+
+def check_hyperparameters(r, alpha, dropout=0.0, rslora=False, dora=False, dtype=torch.float32) -> None:
+    """TypeError/ValueError naming the argument unless r is an int >= 1, alpha a finite number > 0,
+    0 <= dropout < 1, rslora and dora bools, and dtype a floating-point torch.dtype."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1; got {r!r}")
+    for name, value in (("alpha", alpha), ("dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number; got {value!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    for name, value in (("rslora", rslora), ("dora", dora)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool; got {value!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
 
 
 class LoRALinear(nn.Module):
@@ -35,14 +58,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"base must be linear-like (in_features, out_features, weight); got {type(base).__name__}")
+        check_hyperparameters(r, alpha, dropout, rslora, dora, dtype)
         in_features, out_features = base.in_features, base.out_features
-        if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(in_features, out_features):
-            raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, "
-                             f"{min(in_features, out_features)}]; got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0; got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if r > min(in_features, out_features):
+            raise ValueError(f"r must be <= min(in_features, out_features) = {min(in_features, out_features)}; got {r}")
         self.base_layer = base.requires_grad_(False)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
@@ -54,9 +73,18 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if dora else None
+        self.lora_magnitude_vector = nn.Parameter(self._initial_magnitude()) if dora else None
         self.merged = False
         self._merged_norm = None  # DoRA: the norm used by merge, needed to undo it exactly
+
+    def _initial_magnitude(self) -> torch.Tensor:
+        """DoRA's m at step 0: ``||W||_c`` (B = 0). A zero row would make the gain m / ||.|| = 0 / 0."""
+        norm = self.weight_norm()
+        if not torch.isfinite(norm).all() or (norm == 0).any():
+            rows = torch.nonzero(~torch.isfinite(norm) | (norm == 0)).flatten()[:5].tolist()
+            raise ValueError(f"dora=True needs a finite, non-zero norm for every output row of the base weight; "
+                             f"rows {rows} are zero or non-finite")
+        return norm
 
     @property
     def dora(self) -> bool:
@@ -78,16 +106,22 @@ class LoRALinear(nn.Module):
         return torch.linalg.vector_norm(weight + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input x has last dimension {x.shape[-1]}, expected in_features = {self.in_features}")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"input x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input x has shape {tuple(x.shape)}, expected [..., in_features = {self.in_features}]")
         result = frozen_linear(self.base_layer, x)
         if self.merged:
             return result
         x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(x_lora)) * self.scaling
-        if not self.dora:
-            return result + update.to(result.dtype)
-        return self._dora_forward(x, x_lora, result, update)
+        down = self.lora_A(x_lora)  # [..., r]
+        if self.dora:
+            return self._dora_forward(x, x_lora, result, self.lora_B(down * self.scaling))
+        if down.dtype == result.dtype:  # one GEMM adds s * down @ B^T onto the base output: no [.., out] temporary
+            flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r),
+                               self.lora_B.weight.t(), alpha=self.scaling)
+            return flat.view(result.shape)
+        return result + self.lora_B(down * self.scaling).to(result.dtype)  # s applied to the small [.., r] tensor
 
     def _dora_forward(self, x, x_lora, result, update):
         """PEFT's DoRA: ``base(x) + (g - 1) W x_d + g s B A x_d``, ``g = m / ||W + s B A||`` detached.

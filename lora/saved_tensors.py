@@ -28,6 +28,10 @@ def record_saved_tensors(fn, *args, module: nn.Module | None = None, **kwargs):
 
     ``module``: its parameters and buffers are marked ``is_parameter`` when saved.
     """
+    if not callable(fn):
+        raise TypeError(f"record_saved_tensors: fn must be callable; got {type(fn).__name__}")
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"record_saved_tensors: module must be an nn.Module or None; got {type(module).__name__}")
     known = set()
     if module is not None:
         known = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
@@ -49,4 +53,6 @@ def record_saved_tensors(fn, *args, module: nn.Module | None = None, **kwargs):
 
 def activation_bytes(records: list[SavedTensor]) -> int:
     """Bytes of the saved tensors that are new allocations (not the model's own parameters)."""
+    if not all(isinstance(r, SavedTensor) for r in records):
+        raise TypeError("activation_bytes: records must be the SavedTensor list of record_saved_tensors")
     return sum(r.nbytes for r in records if not r.is_parameter)

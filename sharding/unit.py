@@ -7,13 +7,15 @@
     pre-backward  (multi-grad hook, "any")    the first gradient reached the unit's outputs: all-gather
                                               again (backward reads the saved views, or the module's
                                               attributes: point them at the views again), prefetch the
-                                              unit that runs before it in forward
+                                              nearest unit before it in forward whose backward will run
     post-backward (autograd Function wrapped  every gradient w.r.t. the unit's inputs exists, so its
                    around the unit's inputs)  backward is done: free the buffers again
 
 The reduce-scatter is not here: each trainable FlatGroup does it from a post-accumulate-grad hook on
 its flat leaf, the moment autograd has finished that group's gradient (see flat_group.py).
-Only module hooks and autograd hooks are used; torch itself is not patched.
+A unit whose outputs need no gradient (a frozen embedding fed token ids) has no backward: it is
+never gathered, nor prefetched, for backward. Only module hooks and autograd hooks are used; torch
+itself is not patched.
 """
 import torch
 from torch.autograd.graph import register_multi_grad_hook
@@ -62,13 +64,15 @@ class ShardedUnit:
         self.name, self.module, self.groups, self.runtime = name, module, groups, runtime
         self.is_root = module is runtime.module
         self.rank = runtime.rank
+        self.has_backward = True  # set by every forward: do the unit's outputs need a gradient?
         module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         module.register_forward_hook(self._post_forward)
 
-    def gather(self, async_op: bool = False, why: str = "") -> None:
+    def gather(self, wait: bool = True, why: str = "") -> None:
+        """All-gather every group (issued together); ``wait=False`` returns with them in flight (prefetch)."""
         for group in self.groups:
-            group.start_gather(async_op, why)
-        if not async_op:
+            group.start_gather(why)
+        if wait:
             for group in self.groups:
                 group.wait()
 
@@ -87,7 +91,7 @@ class ShardedUnit:
         if runtime.in_backward:  # activation checkpointing re-runs forward inside backward: compute only
             return None
         if runtime.prefetch and (following := runtime.next_in_forward(self)) is not None:
-            following.gather(async_op=True, why=" (prefetch for forward)")
+            following.gather(wait=False, why=" (prefetch for forward)")
         inputs = _tensors_needing_grad((args, kwargs)) if torch.is_grad_enabled() else []
         if not inputs:  # e.g. token ids: the end-of-backward callback frees this unit instead
             return None
@@ -102,11 +106,12 @@ class ShardedUnit:
         log.debug("rank %d post-forward %s", self.rank, self.name)
         if self.is_root:
             runtime.finish_forward()
-        # Keep the unit gathered only if a backward will follow (grad enabled) and either the user asked
-        # (reshard_after_forward=False) or it is the root, whose backward starts right away (as in FSDP2).
-        if not (torch.is_grad_enabled() and (self.is_root or not runtime.reshard_after_forward)):
-            self.free()
         outputs = _tensors_needing_grad(output) if torch.is_grad_enabled() else []
+        self.has_backward = bool(outputs)
+        # Keep the unit gathered only if its backward will run and either the user asked
+        # (reshard_after_forward=False) or it is the root, whose backward starts right away (as in FSDP2).
+        if not (self.has_backward and (self.is_root or not runtime.reshard_after_forward)):
+            self.free()
         if outputs:
             register_multi_grad_hook(outputs, self._pre_backward, mode="any")
 
@@ -118,7 +123,7 @@ class ShardedUnit:
         for group in self.groups:  # for backward code that reads the module's attributes again
             group.point_module_at_views()
         if runtime.prefetch and (previous := runtime.next_in_backward(self)) is not None:
-            previous.gather(async_op=True, why=" (prefetch for backward)")
+            previous.gather(wait=False, why=" (prefetch for backward)")
 
     def post_backward(self) -> None:
         log.debug("rank %d post-backward %s", self.rank, self.name)

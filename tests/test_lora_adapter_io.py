@@ -102,21 +102,6 @@ def test_round_trip_and_file_layout(tmp_path, dora):
     torch.testing.assert_close(fresh(ids), model(ids))
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    model = adapted_tiny_model()
-    lora.save_adapter(model, tmp_path)
-    before = (tmp_path / "adapter_model.safetensors").read_bytes()
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(lora.adapter_io, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        lora.save_adapter(adapted_tiny_model(r=3), tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-
-
 def test_mismatches_are_named(tmp_path):
     lora.save_adapter(adapted_tiny_model(r=2), tmp_path)
     with pytest.raises(ValueError, match=r"\(r, alpha, rslora, dora\) = \(3"):
@@ -125,7 +110,7 @@ def test_mismatches_are_named(tmp_path):
     lora.inject(other, ["q_proj"], r=2, alpha=4)
     with pytest.raises(ValueError, match="down_proj"):  # the file targets modules the model does not wrap
         lora.load_adapter(other, tmp_path)
-    with pytest.raises(ValueError, match="match no linear-like module"):  # a target the model lacks
+    with pytest.raises(ValueError, match="which the model does not have"):  # a target the model lacks
         lora.load_adapter(torch.nn.Sequential(torch.nn.Linear(16, 16)), tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = "base_model.model.layers.0.attn.q_proj.lora_A.weight"

@@ -109,6 +109,7 @@ VARIANTS = {  # name: (shard_model options, micro-batches per step, activation c
     "default": ({}, 1, False, None, False),
     "no_prefetch_keep_gathered": (dict(prefetch=False, reshard_after_forward=False), 1, False, None, False),
     "offload_and_clip": (dict(offload=True), 1, False, 0.05, False),
+    "offload_and_accumulate": (dict(offload=True), 2, False, None, False),
     "checkpoint_and_accumulate": ({}, 2, True, None, False),
     "tied_embedding_and_head": ({}, 1, False, None, True),
     "built_on_meta_materialized_per_unit": (dict(materialize=True), 1, False, None, False),
@@ -154,8 +155,8 @@ def train_sharded(rank, world, options, micro_batches, use_checkpoint, clip, tie
         optimizer.zero_grad()
     return {"state": sharding.full_state_dict(sharded), "memory": sharding.memory_report(sharded, optimizer),
             "losses": losses, "materialize_order": order,
-            "shard_numels": [g.shard_numel for u in sharded.units for g in u.groups],
-            "numels": [sum(s.numel for s in g.slots) for u in sharded.units for g in u.groups]}
+            "groups": [(g.trainable, g.shard_numel, g.slots[-1].offset + g.slots[-1].span)
+                       for u in sharded.units for g in u.groups]}
 
 
 def train_reference(clip, tie):
@@ -202,6 +203,21 @@ def state_dict_round_trip(rank, world):
     with torch.no_grad():
         losses = [first(*global_batch()).item(), second(*global_batch()).item()]
     return {"saved": saved[0], "reloaded": sharding.full_state_dict(second, trainable_only=False), "losses": losses}
+
+
+def offload_arena(rank, world):
+    """With offload every shard, and each trainable group's gradient and its landing slice, is a slice of
+    one host arena: its size is their sum, each rounded up to 64 bytes, and nothing else."""
+    torch.manual_seed(0)
+    sharded = sharding.shard_model(model := Tiny(), list(model.layers), offload=True)
+    arena = sharded.offload.arena
+    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    groups = [g for u in sharded.units for g in u.groups]
+    sharded(*global_batch()).backward()
+    held = [g.master if g.trainable else g.local for g in groups] + [p.grad for p in sharded.parameters()]
+    return {"arena": arena.numel(), "pinned": sharding.memory_report(sharded)["pinned"],
+            "requests": [numel * dtype.itemsize for g in groups for numel, dtype in g.host_buffers().values()],
+            "inside": all(start <= t.data_ptr() < end and t.device.type == "cpu" for t in held)}
 
 
 def disagreeing_ranks(rank, world):
@@ -271,6 +287,7 @@ def job(rank, world):
     out["frozen"] = frozen_round_trip(rank, world)
     out["state_dict"] = state_dict_round_trip(rank, world)
     out["disagree"] = disagreeing_ranks(rank, world) if world > 1 else None
+    out["offload_arena"] = offload_arena(rank, world)
     out["meta_left"] = meta_left_by_materialize(rank, world)
     out["fsdp2"] = fsdp2_comparison(rank, world) if world == 2 else None
     return out
@@ -309,13 +326,14 @@ def test_sharded_adamw_equals_single_process(ranks, variant):
 def test_each_rank_holds_one_slice_and_one_slice_of_optimizer_state(ranks):
     world, results = ranks
     for result in results:
-        memory, shard_numels, numels = (result["default"][k] for k in ("memory", "shard_numels", "numels"))
-        assert shard_numels == [-(-n // world) for n in numels]  # ceil(numel / world): padding < world
-        # Tiny is all fp32: shards = (total + padding) / world; AdamW keeps exp_avg + exp_avg_sq (+ step)
-        assert memory["shards"] == 4 * sum(shard_numels)
-        assert memory["unsharded"] == 4 * sum(numels)
-        trainable = sum(n for n, numel in zip(shard_numels, numels) if numel > 1)  # the 1-elem groups: buffers
-        assert 2 * 4 * trainable <= memory["optimizer"] <= 2 * 4 * trainable + 8 * len(numels)
+        memory, groups = result["default"]["memory"], result["default"]["groups"]
+        assert all(shard == -(-numel // world) for _, shard, numel in groups)  # ceil(numel / world): padding < world
+        # Tiny is fp32: masters hold 4 bytes an element; the frozen group (the `scale` buffers) holds bytes
+        assert memory["shards"] == sum(shard * (4 if trainable else 1) for trainable, shard, _ in groups)
+        assert memory["unsharded"] == 4 * (sum(numel for trainable, _, numel in groups if trainable) + LAYERS)
+        trainable = sum(shard for is_trainable, shard, _ in groups if is_trainable)
+        # AdamW keeps exp_avg + exp_avg_sq (+ a step counter per parameter)
+        assert 2 * 4 * trainable <= memory["optimizer"] <= 2 * 4 * trainable + 8 * len(groups)
         assert memory["gathered"] == 0 and memory["grads"] == 0  # after step + zero_grad, nothing is held
 
 
@@ -391,3 +409,12 @@ def test_a_tensor_left_on_meta_by_materialize_is_a_clear_error_naming_the_unit(r
     for result in results:
         assert result["meta_left"] is not None
         assert "unit 'layers.1' has tensors on the meta device ('layers.1.norm')" in result["meta_left"]
+
+
+def test_offload_keeps_every_host_tensor_in_one_exactly_sized_arena(ranks):
+    world, results = ranks
+    for result in (r["offload_arena"] for r in results):
+        assert result["arena"] == sum(-(-n // 64) * 64 for n in result["requests"])
+        assert len(result["requests"]) == 3 * (1 + LAYERS) + LAYERS  # 3 per trainable group, 1 per frozen one
+        assert result["inside"]  # shards, masters and their gradients all live in it
+        assert result["pinned"] == 0  # no GPU: nothing is page-locked
