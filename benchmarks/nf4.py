@@ -1,13 +1,21 @@
 """NF4, ours vs bitsandbytes, measured side by side in one run; prints one table.
 
-    python -m benchmarks.nf4                   # CPU: PyTorch path vs bitsandbytes' CPU backend
-    python -m benchmarks.nf4 --device cuda     # GPU: our Triton kernel vs bitsandbytes' CUDA kernels,
-                                               # and both against a plain device copy (benchmarks/gpu.sh)
+    python -m benchmarks.nf4                   # CPU: our PyTorch fast path vs bitsandbytes' CPU backend
+    python -m benchmarks.nf4 --threads 1       # (and --threads 2): torch's intra-op threads for both sides
+    python -m benchmarks.nf4 --quick           # tiny sizes, seconds (what the test runs)
+    python -m benchmarks.nf4 --device cuda     # GPU: our Triton kernel vs bitsandbytes' CUDA kernels
 
 Rows: quantize and dequantize time of one 4096 x 14336 bf16 weight (an MLP projection of Llama-3-8B),
-median of a few interleaved repeats; whether both give identical bytes and values; mean squared
-error on N(0, 1) data for NF4, bitsandbytes' FP4 and a plain 4-bit absmax integer code (levels
--7..7); storage bits per parameter with double quantization (target 4 + 8/64 + 32/16384 = 4.127).
+median of interleaved repeats (ours, then bitsandbytes, in turn, so background load hits both alike).
+Dequantize is timed two ways for us: into a reused ``out=`` workspace (how ``nf4.Linear4bit`` calls it
+on CPU) and allocating the output each call (as bitsandbytes' CPU backend always does: it has no
+``out=``). The memory floor is the bytes the operation must move (read the NF4 storage, write the
+dense weight) divided by this machine's copy bandwidth (measured here: read + write of a large
+buffer); "x floor" says how far above it each side is. Then: identical bytes and values (on CUDA,
+byte counts per tensor against bitsandbytes' CUDA kernel, the double-quantized absmax included);
+mean squared error on N(0, 1) data for NF4, bitsandbytes' FP4 and the Int4 absmax baseline; storage
+bits per parameter with double quantization (target 4 + 8/64 + 32/16384 = 4.127).
+The CUDA branch is written but not yet run on a GPU.
 """
 import argparse
 import statistics
@@ -16,6 +24,7 @@ import time
 import torch
 
 import nf4
+from nf4.int4_baseline import int4_absmax_roundtrip
 
 from . import timed
 
@@ -24,62 +33,87 @@ try:
 except ImportError:
     raise SystemExit("benchmarks/nf4.py compares with bitsandbytes: pip install -e '.[compare]'")
 
-SHAPE = (4096, 14336)
 TARGET_BITS = 4 + 8 / 64 + 32 / (64 * 256)
-
-
-def median_time(fn, device, repeats):
-    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def bnb_quantize(w, double_quant=True, quant_type="nf4"):
     return bnb.functional.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
 
 
-def int4_absmax_roundtrip(w, block_size=64):
-    """The naive 4-bit code: per block, x / absmax * 7 rounded to an integer in -7..7."""
-    blocks = w.view(-1, block_size)
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    return ((blocks / absmax * 7).round() * absmax / 7).view_as(w)
+def copy_bandwidth(device, nbytes, repeats) -> float:
+    """Bytes/s of a plain device copy, counting read + write."""
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # touch the pages first
+    return 2 * nbytes / statistics.median(timed(lambda: target.copy_(source), device) for _ in range(repeats))
 
 
-def timing_rows(device, repeats):
+def interleaved_medians(fns: dict, device, repeats) -> dict:
+    """Median seconds of each fn, the fns called in turn ``repeats`` times (one warm-up round first)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def differing_bytes(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int]:
+    a, b = ours.contiguous().view(torch.uint8).reshape(-1), theirs.contiguous().view(torch.uint8).reshape(-1)
+    if a.numel() != b.numel():
+        return max(a.numel(), b.numel()), max(a.numel(), b.numel())
+    return int((a != b).sum().item()), a.numel()
+
+
+def identity_rows(w, ours_q, bnb_packed, bnb_state):
+    """Per stored tensor: identical yes/no and how many bytes differ (on CUDA: vs bitsandbytes' CUDA kernel)."""
+    pairs = [("packed codes", ours_q.packed, bnb_packed), ("absmax (8-bit codes)", ours_q.absmax, bnb_state.absmax),
+             ("nested absmax", ours_q.nested_absmax, bnb_state.state2.absmax),
+             ("offset", ours_q.offset.reshape(1), bnb_state.offset.reshape(1))]
+    rows = []
+    for name, ours, theirs in pairs:
+        diff, total = differing_bytes(ours, theirs)
+        rows.append((f"identical bytes: {name}", "yes" if diff == 0 else "no", f"{diff} of {total} differ", None, ""))
+    same = torch.equal(ours_q.dequantize(), bnb.functional.dequantize_4bit(bnb_packed, bnb_state).reshape(w.shape))
+    rows.append(("identical dequantized values", "yes" if same else "no", "", None, ""))
+    return rows
+
+
+def timing_rows(device, shape, repeats):
     torch.manual_seed(0)
-    w = torch.randn(SHAPE, dtype=torch.bfloat16, device=device)
-    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w), bnb_quantize(w)  # warm-up, and the equality check
-    same_bytes = torch.equal(ours_q.packed, bnb_packed.view(-1)) and torch.equal(ours_q.absmax, bnb_state.absmax)
-    same_values = torch.equal(ours_q.dequantize(), bnb.functional.dequantize_4bit(bnb_packed, bnb_state))
-    t = {"ours_q": [], "bnb_q": [], "ours_d": [], "bnb_d": []}
-    for _ in range(repeats):  # interleaved, so background load hits both sides alike
-        t["ours_q"].append(median_time(lambda: nf4.quantize(w), device, 1))
-        t["bnb_q"].append(median_time(lambda: bnb_quantize(w), device, 1))
-        t["ours_d"].append(median_time(lambda: ours_q.dequantize(), device, 3))
-        t["bnb_d"].append(median_time(lambda: bnb.functional.dequantize_4bit(bnb_packed, bnb_state), device, 3))
-    med = {k: statistics.median(v) for k, v in t.items()}
-    path = "Triton kernel" if device.type == "cuda" else "PyTorch path"
+    w = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w), bnb_quantize(w)
+    workspace = torch.empty(shape, dtype=torch.bfloat16, device=device)
+    med = interleaved_medians({
+        "ours_q": lambda: nf4.quantize(w), "bnb_q": lambda: bnb_quantize(w),
+        "ours_d_out": lambda: nf4.dequantize(ours_q, out=workspace), "ours_d": lambda: nf4.dequantize(ours_q),
+        "bnb_d": lambda: bnb.functional.dequantize_4bit(bnb_packed, bnb_state),
+    }, device, repeats)
+    moved = ours_q.nbytes + w.numel() * w.element_size()  # read the NF4 storage, write bf16
+    copy_bw = copy_bandwidth(device, 1 << (30 if device.type == "cuda" else 27), max(3, repeats))
+    floor = moved / copy_bw
+    path = "Triton kernel" if device.type == "cuda" else "PyTorch fast path"
+    name = "x".join(map(str, shape))
     rows = [
-        ("quantize 4096x14336 bf16, ms", med["ours_q"] * 1e3, med["bnb_q"] * 1e3, med["bnb_q"] / med["ours_q"], "x speed"),
-        (f"dequantize ({path}), ms", med["ours_d"] * 1e3, med["bnb_d"] * 1e3, med["bnb_d"] / med["ours_d"], "x speed"),
-        ("identical bytes / identical values", f"{same_bytes} / {same_values}", "", None, ""),
+        (f"quantize {name} bf16, ms", med["ours_q"] * 1e3, med["bnb_q"] * 1e3, med["bnb_q"] / med["ours_q"], "x speed"),
+        (f"dequantize ({path}) into out=, ms", med["ours_d_out"] * 1e3, med["bnb_d"] * 1e3,
+         med["bnb_d"] / med["ours_d_out"], "x speed"),
+        ("dequantize, allocating the output, ms", med["ours_d"] * 1e3, med["bnb_d"] * 1e3,
+         med["bnb_d"] / med["ours_d"], "x speed"),
+        (f"memory floor {moved / 1e6:.0f} MB at copy {copy_bw / 1e9:.1f} GB/s, ms", floor * 1e3, floor * 1e3, None, ""),
+        ("dequantize time / memory floor (out=; alloc)", f"{med['ours_d_out'] / floor:.1f}; {med['ours_d'] / floor:.1f}",
+         f"{med['bnb_d'] / floor:.1f}", None, "x floor"),
+        ("dequantize bandwidth, GB/s (out=)", moved / med["ours_d_out"] / 1e9, moved / med["bnb_d"] / 1e9,
+         med["bnb_d"] / med["ours_d_out"], "x"),
     ]
-    if device.type == "cuda":
-        moved = ours_q.nbytes + w.numel() * w.element_size()  # read the NF4 storage, write bf16
-        ours_bw, bnb_bw = moved / med["ours_d"] / 1e9, moved / med["bnb_d"] / 1e9
-        source = torch.empty(1 << 30, dtype=torch.uint8, device=device)  # reference: a plain 1 GiB copy
-        target = torch.empty_like(source)
-        copy_bw = 2 * source.numel() / median_time(lambda: target.copy_(source), device, 10) / 1e9  # read + write
-        rows += [
-            ("dequantize bandwidth, GB/s", ours_bw, bnb_bw, ours_bw / bnb_bw, "x"),
-            ("device copy bandwidth (reference), GB/s", copy_bw, copy_bw, None, ""),
-            ("dequantize bandwidth / copy bandwidth", ours_bw / copy_bw, bnb_bw / copy_bw, None, ""),
-        ]
-    return rows, w
+    return rows + identity_rows(w, ours_q, bnb_packed, bnb_state), w
 
 
-def accuracy_rows(device):
+def accuracy_rows(device, numel):
     torch.manual_seed(1)
-    x = torch.randn(4 * 1024 * 1024, device=device)
-    mse = lambda y: (y - x).pow(2).mean().item()  # noqa: E731
+    x = torch.randn(numel, device=device)
+    mse = lambda y: (y.reshape(-1) - x).pow(2).mean().item()  # noqa: E731
     ours = mse(nf4.quantize(x).dequantize())
     bnb_nf4 = mse(bnb.functional.dequantize_4bit(*bnb_quantize(x)))
     bnb_fp4 = mse(bnb.functional.dequantize_4bit(*bnb_quantize(x, quant_type="fp4")))
@@ -108,27 +142,36 @@ def fmt(v):
     return f"{v:.4g}" if abs(v) < 1 else (f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}")
 
 
-def main():
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the table, not the speed")
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+        parser.error("--device cuda: no CUDA GPU visible to torch")
     if args.threads:
         torch.set_num_threads(args.threads)
+    shape, repeats, numel = ((256, 1024), 1, 1 << 16) if args.quick else ((4096, 14336), args.repeats, 1 << 22)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"nf4 vs bitsandbytes {bnb.__version__} on {where}; torch {torch.__version__}; block 64, double quant")
     start = time.perf_counter()
-    rows, w = timing_rows(device, args.repeats)
-    rows += accuracy_rows(device) + bits_rows(w)
-    print(f"| {'measurement':<40} | {'ours':>14} | {'bitsandbytes':>14} | {'ratio':>16} |")
-    print(f"|{'-' * 42}|{'-' * 16}|{'-' * 16}|{'-' * 18}|")
+    rows, w = timing_rows(device, shape, repeats)
+    rows += accuracy_rows(device, numel) + bits_rows(w)
+    print(f"| {'measurement':<52} | {'ours':>14} | {'bitsandbytes':>18} | {'ratio':>14} |")
+    print(f"|{'-' * 54}|{'-' * 16}|{'-' * 20}|{'-' * 16}|")
     for name, ours, theirs, ratio, unit in rows:
         ratio_text = f"{ratio:.3f} {unit}" if ratio is not None else unit
-        print(f"| {name:<40} | {fmt(ours):>14} | {fmt(theirs):>14} | {ratio_text:>16} |")
+        print(f"| {name:<52} | {fmt(ours):>14} | {fmt(theirs):>18} | {ratio_text:>14} |")
     print(f"('x speed' = bitsandbytes time / our time: > 1 means ours is faster.) {time.perf_counter() - start:.0f} s")
 
 

@@ -1,6 +1,7 @@
 """Held-out loss of the bundled pretrained model with every decoder-layer linear quantized to 4 bits.
 
     python -m benchmarks.quant_quality [--model llama/assets/tiny-llama] [--windows 256]
+    python -m benchmarks.quant_quality --quick      # 8 windows, seconds (what the test runs)
 
 QLoRA (Dettmers et al. 2023, section 3 and Table 2) finds NF4 better than FP4 and plain integer
 4-bit at equal bits. Here the same question on a real, if tiny, pretrained Llama: each format
@@ -12,35 +13,32 @@ lm_head and norms stay as bundled (bf16). Formats:
   NF4 (bnb)         bitsandbytes quantize_4bit(quant_type="nf4"), as a cross-check of ours
   FP4 (bnb)         bitsandbytes quantize_4bit(quant_type="fp4") (1 sign, 2 exponent, 1 mantissa bit)
   Int4 absmax       round(w / absmax * 7) per block of 64, 15 evenly spaced levels in [-absmax, absmax]
+                    (``nf4.int4_baseline``, the same baseline ``benchmarks/nf4.py`` reports)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 from pathlib import Path
 from typing import Callable
 
-
 import torch
 
 import llama
+import nf4
 from llama.corpus import stdlib_tokens, windows as heldout_windows
 from llama.pretrain import BUNDLED_MODEL, evaluate
+from nf4.int4_baseline import int4_absmax_roundtrip
 
 BLOCK = 64
 
 
-def int4_absmax(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric 4-bit integer quantization with one absmax scale per block of 64, dequantized."""
-    blocks = w.float().reshape(-1, BLOCK)
-    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return (torch.round(blocks / absmax * 7).clamp(-7, 7) * absmax / 7).reshape(w.shape)
+int4_absmax = functools.partial(int4_absmax_roundtrip, block_size=BLOCK)
 
 
 def nf4_ours(w: torch.Tensor) -> torch.Tensor:
-    import nf4
-
     return nf4.quantize(w.float(), block_size=BLOCK, double_quant=True).dequantize()
 
 
@@ -83,7 +81,14 @@ def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     parser.add_argument("--windows", type=int, default=256, help="held-out windows of max_position_embeddings bytes")
+    parser.add_argument("--quick", action="store_true", help="8 windows: checks the table in seconds")
     args = parser.parse_args(argv)
+    if args.windows < 1:
+        parser.error(f"--windows must be a positive integer, got {args.windows}")
+    if not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there (a Hugging Face Llama directory is expected)")
+    if args.quick:
+        args.windows = 8
     torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and far faster on a busy shared CPU
     config = llama.LlamaConfig.from_hf(args.model)
     windows = heldout_windows(stdlib_tokens("heldout"), config.max_position_embeddings, args.windows)

@@ -1,7 +1,9 @@
 """nf4: 4-bit NormalFloat quantization with double quantization (QLoRA, Dettmers et al. 2023, section 3).
 
-Bit-exact with bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` on CPU, loadable both ways through
-its ``Linear4bit`` state-dict format; one fused Triton kernel for dequantization on the GPU.
+The algorithm in its plain form: ``nf4/reference.py`` (read it first); the public functions run the
+fast path (``nf4/fast_path.py``), tested bit for bit against it. Bit-exact with bitsandbytes'
+``quantize_4bit(..., quant_type="nf4")`` on CPU, loadable both ways through its ``Linear4bit``
+state-dict format; one fused Triton kernel for dequantization on the GPU.
 
     qw = nf4.quantize(w, block_size=64, double_quant=True)   # -> nf4.QuantizedWeight
     w_hat = qw.dequantize()                                  # same shape and dtype as w
@@ -13,8 +15,10 @@ from .dequantize import dequantize
 from .linear import Linear4bit
 from .quantize import SUPPORTED_BLOCK_SIZES, quantize
 from .quantized_weight import QuantizedWeight
+from .reference import dequantize_reference, quantize_reference
 
 __all__ = [
     "NF4_CODE", "nf4_code_from_normal", "dynamic_code", "quantize", "dequantize", "QuantizedWeight",
     "SUPPORTED_BLOCK_SIZES", "to_bnb_state_dict", "from_bnb_state_dict", "Linear4bit",
+    "quantize_reference", "dequantize_reference",
 ]

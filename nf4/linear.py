@@ -11,15 +11,38 @@ frees them after forward and gathers them again before backward works unchanged.
 The quantized tensors are registered as frozen parameters (``requires_grad=False``) named
 ``weight_packed``, ``weight_absmax`` and, with double quantization, ``weight_nested_absmax`` and
 ``weight_offset`` (a 0-dim tensor, as in bitsandbytes); ``layer.weight`` rebuilds a ``QuantizedWeight``
-over whatever those currently are, parameters or buffers (a wrapper may re-register them as buffers). Casting the model (``model.to(torch.bfloat16)``) moves them but keeps their dtypes: the fp32
-scales must stay fp32 for the weight to mean the same thing.
+over whatever those currently are, parameters or buffers (a wrapper may re-register them as buffers).
+Casting the model (``model.to(torch.bfloat16)``) moves them but keeps their dtypes: the fp32 scales
+must stay fp32 for the weight to mean the same thing.
+
+On CPU the dense weight is written into one reused workspace per thread and dtype (``dequantize(out=)``),
+the size of the largest layer seen: a fresh weight-sized tensor per call would be page-faulted anew
+every time (on a GPU, the caching allocator already reuses freed memory). Safe because the matmul
+saves nothing: the dense weight never outlives the call that made it.
 """
+import threading
+
 import torch
 from torch import nn
 
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
+from .checks import check_dtype, check_quantized_weight
 from .quantize import quantize
 from .quantized_weight import QuantizedWeight
+
+
+_workspaces = threading.local()
+
+
+def _dense_weight(layer: "Linear4bit", dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight dequantized to ``dtype``; on CPU into this thread's reused workspace."""
+    qw = layer.weight
+    if qw.device.type != "cpu" or type(qw.packed.data) is not torch.Tensor:  # a GPU, or fake/meta tensors
+        return qw.dequantize(dtype)
+    buffers = _workspaces.__dict__
+    if dtype not in buffers or buffers[dtype].numel() < qw.numel:
+        buffers[dtype] = torch.empty(qw.numel, dtype=dtype)
+    return qw.dequantize(dtype, out=buffers[dtype][: qw.numel])
 
 
 class _FrozenNF4Matmul(torch.autograd.Function):
@@ -28,11 +51,11 @@ class _FrozenNF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
         ctx.layer = layer  # not a tensor: backward re-reads the layer's (possibly re-gathered) tensors
-        return x @ layer.weight.dequantize(x.dtype).t()
+        return x @ _dense_weight(layer, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = grad_out @ ctx.layer.weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ _dense_weight(ctx.layer, grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None
 
 
@@ -41,6 +64,11 @@ class Linear4bit(nn.Module):
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, compute_dtype=None):
         super().__init__()
+        check_quantized_weight(qweight, "qweight")
+        if compute_dtype is not None:
+            check_dtype(compute_dtype, "compute_dtype")
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if len(qweight.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D (out_features, in_features), got shape {tuple(qweight.shape)}")
         self.out_features, self.in_features = qweight.shape
@@ -68,12 +96,16 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True, compute_dtype=None):
         """Quantize an ``nn.Linear`` (its weight in its own dtype; the bias is kept as is, frozen)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         qw = quantize(linear.weight.detach(), block_size=block_size, double_quant=double_quant)
         return cls(qw, linear.bias, compute_dtype=compute_dtype)
 
     @classmethod
     def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", compute_dtype=None):
         """Build from a bitsandbytes ``Linear4bit`` state dict (keys ``{prefix}weight``, ``{prefix}weight.absmax``, ...)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
         return cls(from_bnb_state_dict(sd, prefix + "weight"), sd.get(prefix + "bias"), compute_dtype=compute_dtype)
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -87,6 +119,8 @@ class Linear4bit(nn.Module):
         """Re-quantize a new dense weight into this layer (same block size, double quant, dtype), e.g. to merge
         a LoRA update: ``layer.set_weight(layer.weight.dequantize() + delta)``. Lossy: the merged weight is
         rounded to NF4 again."""
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
         if w.shape != self.weight_shape:
             raise ValueError(f"w must have shape {tuple(self.weight_shape)}, got {tuple(w.shape)}")
         qw = quantize(w.detach().to(self.weight_dtype), self.block_size, double_quant=self.weight_nested_absmax is not None)

@@ -59,10 +59,11 @@ class QuantizedWeight:
         return QuantizedWeight(**values)
 
     def to(self, device) -> "QuantizedWeight":
+        """The same weight with every tensor on ``device``."""
         return self.with_tensors(**{name: t.to(device) for name, t in self.tensors().items()})
 
-    def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
-        """The fp tensor back, in ``dtype`` (default: the original dtype)."""
+    def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto", out: torch.Tensor | None = None):
+        """The fp tensor back, in ``dtype`` (default: the original dtype); see ``nf4.dequantize``."""
         from .dequantize import dequantize
 
-        return dequantize(self, dtype=dtype, backend=backend)
+        return dequantize(self, dtype=dtype, backend=backend, out=out)

@@ -78,6 +78,38 @@ def test_auto_uses_the_torch_path_on_cpu(monkeypatch):
 
     qw = nf4.quantize(torch.randn(64))
     calls = []
-    monkeypatch.setattr(module, "dequantize_torch", lambda q, dtype: calls.append(dtype) or torch.zeros(64))
+    monkeypatch.setattr(module, "dequantize_torch", lambda q, dtype, out: calls.append(dtype) or torch.zeros(64))
     nf4.dequantize(qw)
     assert calls == [torch.float32]
+
+
+def test_triton_build_failure_falls_back_to_torch_with_one_warning(monkeypatch):
+    """Simulates a host without a C compiler: Triton's launcher build raises on the first launch."""
+    module = importlib.import_module("nf4.dequantize")
+    monkeypatch.setattr(module, "_triton_state", {"built": False, "broken": None})
+
+    def no_compiler(qw, dtype, out):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(module, "_triton", no_compiler)
+    qw = nf4.quantize(torch.randn(8, 64))
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: Failed to find C compiler"):
+        first = module._triton_or_fallback(qw, torch.bfloat16, None)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second call is silent
+        second = module._triton_or_fallback(qw, torch.bfloat16, None)
+    expected = nf4.dequantize_reference(qw, torch.bfloat16)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_triton_errors_after_a_successful_build_are_not_swallowed(monkeypatch):
+    module = importlib.import_module("nf4.dequantize")
+    monkeypatch.setattr(module, "_triton_state", {"built": True, "broken": None})
+
+    def launch_fails(qw, dtype, out):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(module, "_triton", launch_fails)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        module._triton_or_fallback(nf4.quantize(torch.randn(64)), torch.float32, None)

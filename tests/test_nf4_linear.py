@@ -137,3 +137,22 @@ def test_tensors_re_registered_as_buffers_keep_working():
     layer.set_weight(new)
     assert "weight_packed" in dict(layer.named_buffers())
     assert torch.equal(layer.weight.dequantize(), nf4.quantize(new, double_quant=False).dequantize())
+
+
+def test_cpu_workspace_is_reused_and_gives_the_same_values():
+    """Forward and backward dequantize into one reused buffer per thread and dtype: same results as without."""
+    from nf4 import linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 64)
+    layer = nf4.Linear4bit.from_linear(dense)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    w = layer.weight.dequantize()
+    assert torch.equal(y, x @ w.t() + dense.bias) and torch.equal(x.grad, torch.ones(3, 64) @ w)
+    workspace = linear._workspaces.__dict__[torch.float32]
+    layer(x)
+    assert linear._workspaces.__dict__[torch.float32] is workspace  # reused, not reallocated
+    small = nf4.Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    assert torch.equal(small(x[:, :64]), x[:, :64] @ small.weight.dequantize().t() + small.bias)
