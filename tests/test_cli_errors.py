@@ -141,3 +141,23 @@ def test_train_under_torchrun_prints_one_error_line_for_all_ranks(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert ours == [f"error: --data {tmp_path / 'missing'} is neither a file nor a directory"], result.stderr
     assert "recipe/" not in result.stderr  # no traceback through our code (torchrun adds its own summary)
+
+
+BENCHMARK_FLAGS = [
+    ("benchmarks.e2e", ["--ranks", "0"], "argument --ranks: expected an integer >= 1, got '0'"),
+    ("benchmarks.e2e", ["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    ("benchmarks.e2e_library", ["--grad-accum", "0"], "argument --grad-accum: expected an integer >= 1, got '0'"),
+    ("benchmarks.packing", ["--seq-len", "1"], "argument --seq-len: expected an integer >= 2, got '1'"),
+    ("benchmarks.sharding", ["--dim", "12", "--heads", "4"], "argument --dim: expected a multiple of 2 x --heads (8"),
+    ("benchmarks.sharding", ["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got '-1'"),
+    ("benchmarks.lora", ["--tokens", "0"], "argument --tokens: expected an integer >= 1, got '0'"),
+    ("benchmarks.nf4", ["--threads", "x"], "argument --threads: expected an integer >= 1, got 'x'"),
+    ("benchmarks.quant_quality", ["--model", "/nonexistent"], "argument --model: no config.json in /nonexistent"),
+]
+
+
+@pytest.mark.parametrize("module,argv,expected", BENCHMARK_FLAGS, ids=[f"{m} {' '.join(a)}" for m, a, _ in BENCHMARK_FLAGS])
+def test_benchmark_flags(module, argv, expected, capsys):
+    import importlib
+
+    assert_one_line(*outcome(importlib.import_module(module).main, argv, capsys), expected)
