@@ -6,12 +6,14 @@
     for layer, tensors in llama.iter_checkpoint("ckpt/"):  # one decoder layer at a time
         ...
     logits = model(ids, position_ids=pos, attention_mask=mask)   # packing: see llama.masks
+    new_tokens = llama.generate(model, [prompt_ids], max_new_tokens=50)  # KV cache, greedy by default
 """
 from .checkpoint import iter_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, LlamaConfig
+from .generate import Sampling, generate
 from .kv_cache import KVCache
 from .model import Llama, causal_lm_loss
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = ["LlamaConfig", "PRESETS", "Llama", "causal_lm_loss", "iter_checkpoint", "load_checkpoint",
-           "save_checkpoint", "ByteTokenizer", "load_tokenizer", "KVCache"]
+           "save_checkpoint", "ByteTokenizer", "load_tokenizer", "KVCache", "generate", "Sampling"]

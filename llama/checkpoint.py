@@ -58,6 +58,16 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def stream_order(config: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every stored tensor in the order ``iter_checkpoint`` yields them: the tensors
+    outside the decoder layers, then layer 0, 1, ..., each in architecture order."""
+    shapes = expected_shapes(config)
+    groups: dict[int | None, list[str]] = defaultdict(list)
+    for name in shapes:
+        groups[layer_of(name)].append(name)
+    return [(name, shapes[name]) for layer in [None, *range(config.num_hidden_layers)] for name in groups[layer]]
+
+
 def layer_of(name: str) -> int | None:
     match = LAYER.match(name)
     return int(match.group(1)) if match else None
@@ -120,6 +130,9 @@ def _read_entry(name: str, keys: list[str], files: dict[str, Path], handles: dic
 
     if keys == [name]:
         tensor = read(name)
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{files[name]}: tensor {name!r} is {tensor.dtype}; a Llama weight must be floating "
+                             "point (a 4-bit weight comes with its bitsandbytes quant_state entries)")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{files[name]}: tensor {name!r} has shape {tuple(tensor.shape)} "
                              f"but config.json implies {shape}")
@@ -141,7 +154,7 @@ def iter_checkpoint(directory: str | Path, config: LlamaConfig | None = None) ->
     shapes = expected_shapes(config)
     _check_keys(entries, files, shapes)
     groups: dict[int | None, list[str]] = defaultdict(list)
-    for name in shapes:  # architecture order: embed, layers 0.., norm, lm_head
+    for name, _ in stream_order(config):
         groups[layer_of(name)].append(name)
     for layer in [None, *range(config.num_hidden_layers)]:
         names = groups[layer]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from reference_libs import reference
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import llama
 from llama.checkpoint import INDEX_FILE, SINGLE_FILE
@@ -189,3 +189,20 @@ def test_save_rejects_bad_arguments(tmp_path):
         on_meta = llama.Llama(tiny().config)
     with pytest.raises(ValueError, match="meta"):
         llama.save_checkpoint(on_meta, tmp_path)
+
+
+def test_integer_tensor_is_named(tmp_path):
+    llama.save_checkpoint(tiny(), tmp_path)
+    state = load_file(tmp_path / SINGLE_FILE)
+    state["model.layers.1.self_attn.k_proj.weight"] = state["model.layers.1.self_attn.k_proj.weight"].to(torch.int32)
+    save_file(state, tmp_path / SINGLE_FILE)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*torch\.int32"):
+        llama.load_checkpoint(None, tmp_path)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    paths = llama.save_checkpoint(tiny(), tmp_path, max_shard_bytes=20_000)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=paths[1].name):
+        llama.load_checkpoint(None, tmp_path)
