@@ -83,10 +83,12 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[
     return parse
 
 
-def number(minimum: float | None = None, above: float | None = None, below: float | None = None) -> Callable[[str], float]:
-    """An argparse ``type``: a finite float, ``>= minimum``, ``> above``, ``< below`` (each optional)."""
+def number(minimum: float | None = None, above: float | None = None, below: float | None = None,
+           maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite float, ``>= minimum``, ``> above``, ``< below``, ``<= maximum`` (each
+    optional)."""
     bounds = [f">= {minimum}" if minimum is not None else "", f"> {above}" if above is not None else "",
-              f"< {below}" if below is not None else ""]
+              f"< {below}" if below is not None else "", f"<= {maximum}" if maximum is not None else ""]
     expected = " and ".join(["a finite number"] + [b for b in bounds if b]).replace(" and ", " ", 1)
 
     def parse(text: str) -> float:
@@ -95,7 +97,8 @@ def number(minimum: float | None = None, above: float | None = None, below: floa
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if not math.isfinite(value) or (minimum is not None and value < minimum) or (
-                above is not None and value <= above) or (below is not None and value >= below):
+                above is not None and value <= above) or (below is not None and value >= below) or (
+                maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     parse.__name__ = expected
