@@ -161,3 +161,12 @@ def test_benchmark_flags(module, argv, expected, capsys):
     import importlib
 
     assert_one_line(*outcome(importlib.import_module(module).main, argv, capsys), expected)
+
+
+def test_generate_and_export_flags(capsys):
+    from recipe import export, generate
+
+    assert_one_line(*outcome(generate.main, ["--prompt", "x", "--top-k", "0"], capsys),
+                    "argument --top-k: expected an integer >= 1, got '0'")
+    assert_one_line(*outcome(export.main, ["--model", "m", "--adapter", "a", "--out", "o", "--max-shard-size", "lots"],
+                             capsys), "--max-shard-size must be a positive size such as 5GB or 500MiB, got 'lots'")

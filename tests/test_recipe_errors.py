@@ -118,14 +118,15 @@ def test_the_data_fingerprint_is_its_files_sizes_and_hashes(tmp_path, tiny_model
     assert differences(before, of_job(config, model_config)).startswith("data.files.a.txt: [3, '")
 
 
-def _resume_with_other_settings(rank, world, model, out):
+def _resume_with_other_settings(rank, world, model, out, other_data):
     """Train 2 steps (a checkpoint at step 1), then resume with other settings; return each error."""
     from recipe.train import main
 
     common = ["--model", model, "--tokenizer", "byte", *FAST, "--out", out]
     main([*common, "--steps", "2", "--save-every", "1"])
     errors = {}
-    for name, extra in {"dora": ["--dora"], "rank": ["--rank", "8"], "seq-len": ["--seq-len", "16"]}.items():
+    for name, extra in {"dora": ["--dora"], "rank": ["--rank", "8"], "seq-len": ["--seq-len", "16"],
+                        "data": ["--data", other_data]}.items():
         try:
             main([*common, "--steps", "2", "--resume", *extra])
         except ValueError as error:
@@ -135,9 +136,24 @@ def _resume_with_other_settings(rank, world, model, out):
 
 
 def test_resume_with_other_settings_names_each_one(tmp_path, tiny_model):
+    other = tmp_path / "other.txt"
+    other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     for rank_errors, steps in run_on_ranks(_resume_with_other_settings, world_size=2,
-                                           args=(str(tiny_model), str(tmp_path / "run")), timeout_s=300):
+                                           args=(str(tiny_model), str(tmp_path / "run"), str(other)), timeout_s=300):
         assert "build.dora: False in the checkpoint, True now" in rank_errors["dora"]
         assert "build.rank: 4 in the checkpoint, 8 now" in rank_errors["rank"]
         assert "seq_len: 32 in the checkpoint, 16 now" in rank_errors["seq-len"]
+        assert "data.files.other.txt: '(absent)' in the checkpoint, [18000, '" in rank_errors["data"]
         assert steps == 1  # resumed from step 1: one step left
+
+
+def test_an_empty_token_batch_is_refused_by_name_not_inside_attention(tiny_model):
+    import torch
+
+    import llama
+    from recipe.data import Batch
+    from recipe.twins.sharders import Unsharded
+
+    model = Unsharded(llama.load_checkpoint(None, tiny_model))
+    with pytest.raises(ValueError, match=r"input_ids is empty \(shape \(2, 0\)\)"):
+        model.forward(**Batch.of_text(torch.empty(2, 0, dtype=torch.int64)).model_inputs())
