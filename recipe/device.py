@@ -96,17 +96,52 @@ def reset_device_peak(device: torch.device) -> None:
 
 def device_peak_mib(device: torch.device) -> float | None:
     """``torch.cuda.max_memory_allocated`` in MiB since the last reset -- what ``recipe.plan`` predicts
-    -- or None on the CPU."""
+    as the allocated peak -- or None on the CPU."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+def device_reserved_peak_mib(device: torch.device) -> float | None:
+    """``torch.cuda.max_memory_reserved`` in MiB: what the caching allocator took from the driver, the
+    allocated peak plus rounding and fragmentation -- what ``recipe.plan`` compares with the budget."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+
+
+def release_cached_blocks(device: torch.device) -> None:
+    """After loading, hand the allocator's cached blocks back (``torch.cuda.empty_cache``): loading's
+    temporaries (a layer's bf16 weights before quantization) were shaped differently from a training
+    step's tensors, so keeping their segments would only fragment the memory the step needs."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# What a GPU rank keeps free beyond the plan's reserved estimate, on top of what is already in use when
+# ``memory_budget`` is asked (the CUDA context and NCCL's communicator buffers: the process group is up,
+# and ``init_distributed`` passes ``device_id``, so NCCL connects at init):
+HEADROOM = {
+    "cuBLAS/cuDNN workspaces": 64 * 2**20,        # 32 MiB per cuBLAS handle on Hopper, a handle per stream
+    "kernels loaded on first use": 192 * 2**20,   # CUDA_MODULE_LOADING=LAZY: each library's kernels on first call
+    "NCCL buffers set up later": 256 * 2**20,     # NCCL_BUFFSIZE (4 MiB) x channels for algorithms first used in training
+}
+
+
 def memory_budget(device: torch.device, memory_gib: float | None = None) -> int:
-    """Bytes one rank may use: ``memory_gib`` (``--memory-gib``) if given, else its GPU's memory, else its
-    share of the CPU's available memory (``LOCAL_WORLD_SIZE`` ranks on this node)."""
+    """Bytes one rank may plan for: ``memory_gib`` (``--memory-gib``) if given; on a GPU, the memory
+    ``torch.cuda.mem_get_info`` reports free once the process group is up, minus ``HEADROOM`` (512 MiB,
+    itemised above: what a training step adds outside the allocator's tensors); on the CPU, this rank's
+    share of the available memory (``LOCAL_WORLD_SIZE`` ranks on this node).
+
+    ``recipe.plan`` compares its *reserved* estimate (allocated peak + fragmentation) with this budget.
+    Fragmentation is what ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` reduces: the allocator
+    then grows one mapped segment per stream instead of caching fixed-size segments, so differently
+    sized gathered units, logits and activations reuse the same pages; set it in the environment
+    before the first CUDA call (e.g. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun ...``)."""
     if memory_gib is not None:
+        if memory_gib <= 0:
+            raise ValueError(f"--memory-gib must be > 0, got {memory_gib}")
         return int(memory_gib * 2**30)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(0, free - sum(HEADROOM.values()))
     meminfo = Path("/proc/meminfo")
     available = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
                      if line.startswith("MemAvailable")) if meminfo.exists() else 16 * 2**30

@@ -19,7 +19,7 @@ import llama
 from . import checkpoint, data
 from .adapter import save_trained_adapter
 from .build import BuildOptions, Built, build
-from .device import device_peak_mib, memory_budget, reset_device_peak
+from .device import device_peak_mib, memory_budget, release_cached_blocks, reset_device_peak
 from .fingerprint import of_job
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
@@ -83,7 +83,7 @@ def check_plan(config: JobConfig, model_config: llama.LlamaConfig, world: int, l
                   seq_len=config.seq_len, rank=b.rank,
                   target_modules=tuple(t for t in b.target_modules if t in ALL_LINEAR) or ALL_LINEAR, dora=b.dora,
                   activation_checkpointing=config.activation_checkpointing, offload=b.offload,
-                  quantize=b.quant != "none", compute_bytes=b.compute_dtype.itemsize)
+                  quantize=b.quant != "none", compute_bytes=b.compute_dtype.itemsize, device=b.device.type)
     result = plan(model_config, setup)
     if not result.fits:
         log(f"WARNING: the planned memory per rank exceeds the {setup.gpu_bytes / GiB:.1f} GiB available; "
@@ -125,10 +125,12 @@ def resume(run: Run, config: JobConfig, log: Log) -> int:
 
 
 def run_job(config: JobConfig, on_step: StepCallback | None = None,
-            builder: Callable[[BuildOptions], Built] = build) -> dict:
+            builder: Callable[[BuildOptions], Built] = build, memory: TensorMemory | None = None) -> dict:
     """Fine-tune as ``config`` says; print and return the summary (held-out loss before/after, tokens/s,
     peaks per rank). ``on_step(record)`` is called after every optimizer step. ``builder`` makes the
-    model (``recipe.build.build``; the end-to-end benchmark passes the library stack's)."""
+    model (``recipe.build.build``; the end-to-end benchmark passes the library stack's). ``memory``
+    counts live tensor bytes (default with ``track_memory``: a ``TensorMemory``; ``recipe.measure`` passes
+    one that also splits them by phase)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     if rank == 0:
@@ -137,10 +139,12 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
     model_config = llama.LlamaConfig.from_hf(config.build.model)
     corpus = load_corpus(config, model_config, world)
     check_plan(config, model_config, world, log)
-    memory = TensorMemory(record_peak=True) if config.track_memory else None
+    if memory is None and config.track_memory:
+        memory = TensorMemory(record_peak=True)
     if memory:
         memory.__enter__()
     built = builder(config.build)
+    release_cached_blocks(built.device)  # loading's temporaries were shaped unlike a step's tensors
     if config.activation_checkpointing:
         enable_activation_checkpointing(built.model.model.layers)
     run = prepare_run(config, built, corpus, model_config)

@@ -1,15 +1,18 @@
-"""Check the planner against a real run: planned vs measured peak tensor memory per rank.
+"""Check the planner against a real run: planned vs measured peak per phase and per component, per rank.
 
     python -m recipe.measure                                    # the bundled tiny-llama, 2 ranks
-    python -m recipe.measure --preset llama-2-70b --layers 1    # 70B width, one decoder layer
+    python -m recipe.measure --preset llama-2-7b --layers 1 --seq-len 2048 --batch-size 1 --dtype bf16 \
+        [--activation-checkpointing]                            # 7B width, where activations dominate
 
-For a preset, a checkpoint with the preset's exact widths (hidden 8192, intermediate 28672, 64/8 heads,
-vocab 32000 for Llama-2-70B) but only ``--layers`` decoder layers and random bf16 weights is written to
-a temporary directory; then ``recipe.train`` runs a few steps on 2 gloo ranks through the very same
-code as the main job, with ``--track-memory`` (``recipe.memory.TensorMemory``: the CPU analog of
-``torch.cuda.max_memory_allocated``), and the plan for the same setup (``--dtype``, fp32 by default) is
-printed beside the measured peaks. With ``--device cuda`` (one rank per GPU) the measured peak is the
-GPU's own ``torch.cuda.max_memory_allocated`` -- the number the plan is for.
+For a preset, a checkpoint with the preset's exact widths (e.g. hidden 4096, intermediate 11008, 32
+heads, vocab 32000 for Llama-2-7B) but only ``--layers`` decoder layers and random bf16 weights is
+written to a temporary directory; then ``recipe.train`` runs a few steps on ``--nproc`` gloo ranks
+through the very same code as the main job, counting memory with ``recipe.phase_memory.PhaseMemory``
+(``--track-memory``: the CPU analog of ``torch.cuda.max_memory_allocated``, split by phase of the step
+and by the planner's components). The plan for the same setup is printed beside it: for each phase,
+each component planned vs measured, and the storages of 8 MiB or more live at each measured peak.
+With ``--device cuda`` (one rank per GPU) the overall measured peak is the GPU's own
+``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
@@ -52,14 +55,38 @@ def random_checkpoint(preset: str, layers: int, directory: Path, seed: int = 0) 
 def run(model_dir: Path, out: Path, args) -> dict:
     """Train ``--steps`` steps on ``--nproc`` ranks with memory tracking; return summary.json."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-               "-m", "recipe.train", "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps),
+               "-m", "recipe.phase_memory", "--model", str(model_dir), "--out", str(out), "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--eval-batches", "1",
                "--eval-every", "1000", "--save-every", "1000", "--track-memory", "--no-progress", "--quant", args.quant,
                "--tokenizer", "byte", "--dtype", args.dtype, "--device", args.device]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    for rank, record in enumerate(summary["ranks"]):
+        record["phases"] = json.loads((out / f"phase_peaks_rank{rank}.json").read_text())
+    return summary
+
+
+def compare(planned, measured_phases: dict) -> tuple[list[str], dict]:
+    """Planned vs measured per component at each phase's peak (persistent included), and the peaks."""
+    lines, result = [], {}
+    for phase, parts in planned.phases.items():
+        measured = measured_phases.get(phase, {})
+        planned_parts = {"persistent": planned.persistent_device_bytes, **parts}
+        lines.append(f"{phase}: planned {sum(planned_parts.values()) / 2**20:.1f} MiB"
+                     + (f", measured {measured['total'] / 2**20:.1f} MiB" if measured else ""))
+        for name in sorted(set(planned_parts) | set(measured) - {"total", "storages"}):
+            p, m = planned_parts.get(name, 0), measured.get(name, 0)
+            if p or m > 2**20:
+                lines.append(f"    {name:<20} planned {p / 2**20:>9.1f}  measured {m / 2**20:>9.1f}"
+                             + (f"  ratio {p / m:.3f}" if m else ""))
+        result[phase] = {"planned": planned_parts, "measured": measured}
+    for kind, measured in measured_phases.items():
+        lines.append(f"live at the measured peak of '{kind}' (storages >= 8 MiB): " + ", ".join(
+            f"{n / 2**20:.0f} {component} ({op.split('.')[1] if '.' in op else op})"
+            for n, op, component in measured["storages"]))
+    return lines, result
 
 
 def main(argv=None) -> dict:
@@ -92,7 +119,7 @@ def main(argv=None) -> dict:
         config = llama.LlamaConfig.from_hf(model_dir)
     setup = Setup(world_size=args.nproc, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
                   target_modules=ALL_LINEAR, activation_checkpointing=args.activation_checkpointing, compute_bytes=4 if args.dtype == "fp32" else 2,
-                  quantize=args.quant == "nf4")
+                  quantize=args.quant == "nf4", device=args.device)
     planned = plan(config, setup)
     print(planned.table())
     result = {"model": args.preset or str(args.model), "layers": config.num_hidden_layers,
@@ -100,7 +127,10 @@ def main(argv=None) -> dict:
               "measured_gib": [(r["peak_device_mib"] if args.device == "cuda" else r["peak_tensor_mib"]) / 1024
                                for r in summary["ranks"]],
               "load_peak_rss_gib": [r["load_peak_rss_mib"] / 1024 for r in summary["ranks"]],
-              "rows": [(name, b / GiB) for name, b, _, _ in planned.rows]}
+              "rows": [(name, b / GiB) for name, b, _, _ in planned.rows],
+              "peak_phase": planned.peak_phase, "measured_phases": summary["ranks"][0]["phases"]}
+    lines, result["phases"] = compare(planned, summary["ranks"][0]["phases"])
+    print("\n".join(lines))
     for rank, measured in enumerate(result["measured_gib"]):
         print(f"rank {rank}: planned {result['planned_gib']:.3f} GiB, measured peak on {args.device} {measured:.3f} GiB "
               f"(planned / measured = {result['planned_gib'] / measured:.3f}), "

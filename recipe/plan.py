@@ -1,7 +1,7 @@
 """The memory planner: how many bytes each rank holds while fine-tuning a Llama with QLoRA + FSDP.
 
     python -m recipe.plan llama-2-70b --world-size 2 --gpu-gib 24 --batch-size 2 --seq-len 2048 \
-        --rank 64 --activation-checkpointing --offload
+        --rank 64 --offload                              # checkpointing on unless --no-activation-checkpointing
     python -m recipe.plan path/to/config.json ...      # any Hugging Face Llama config
 
 Pure arithmetic on the config's numbers, one line per kind of memory (chapter 7 explains each):
@@ -9,27 +9,39 @@ Pure arithmetic on the config's numbers, one line per kind of memory (chapter 7 
 * persistent (held for the whole run): this rank's 1/world share of every sharding unit -- the NF4
   codes (1/2 byte per weight), their absmax constants (1 byte per 64 weights with double quantization,
   plus an fp32 scale per 256 of those: QLoRA paper, section 3), the unquantized tensors (embeddings,
-  norms, lm_head) -- and the LoRA parameters' fp32 master copy, fp32 gradient and the two AdamW moments
-  (16 bytes per trainable parameter, divided by the world size: ZeRO-3, Rajbhandari et al. 2020, eq. 1).
+  norms, lm_head) -- and the LoRA parameters' fp32 master copy and two AdamW moments (12 bytes per
+  trainable parameter, divided by the world size: ZeRO-3, Rajbhandari et al. 2020, eq. 1; the 4-byte
+  fp32 gradient lives from backward to the optimizer step and is counted in those phases).
   With ``offload`` these live in CPU memory instead.
-* transient (the peak of one step): the gathered full unit being computed plus the prefetched next one,
-  one dequantized linear weight (the frozen path dequantizes one matrix at a time, forward and backward),
-  the activations autograd keeps (all of them, or only each layer's input with activation checkpointing,
-  plus one layer's worth while that layer is recomputed), backward's temporaries, and the logits.
+* transient: what one step adds, phase by phase (``recipe/phases.py``): the forward at the loss (the
+  saved activations, the logits and cross-entropy's fp32 copies), the backward at the loss, the
+  last layer's backward (its recomputation with checkpointing, the gathered layer and the prefetched
+  one, one dequantized weight, the gradients flowing), the optimizer (the LoRA gradients). The peak is
+  the persistent bytes plus the largest phase -- not the sum of every term, which are never all alive
+  at once -- and the table names the phase and lists what is live in it.
+
+Two peaks are reported: *allocated* (what ``torch.cuda.max_memory_allocated`` reads, what the phases
+add up to) and *reserved* (``torch.cuda.max_memory_reserved``: allocated + ``FRAGMENTATION``, an
+assumption). ``fits`` compares the reserved estimate with ``Setup.gpu_bytes``, which
+``recipe.device.memory_budget`` sets from the GPU's free memory after start-up minus a stated
+headroom. With ``offload`` the shards live in pinned CPU memory, one exactly sized arena per rank.
 
 Units are the decoder layers, the embedding and the lm_head (each gathered only while it runs); the
-root keeps the final norm. The activation coefficients list the tensors autograd saves in
-``llama.model.DecoderLayer`` (see ``layer_activation_bytes``); ``tests/test_recipe_plan.py`` checks the
-arithmetic by hand, the chapter checks the whole plan against measured peaks.
+root keeps the final norm. ``python -m recipe.measure --preset llama-2-7b`` checks each phase and each
+component against a real run (``recipe/phase_memory.py``); ``tests/test_recipe_plan.py`` checks the
+arithmetic by hand and the phases on the bundled model. The command line (``recipe/plan_cli.py``)
+also predicts step time (``recipe/timemodel.py``) and compares full with hybrid sharding
+(``recipe/links.py``).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from pathlib import Path
 
 import llama
+
+from .phases import layer_activation_bytes, phase_bytes  # noqa: F401  (layer_activation_bytes: re-exported)
 
 GiB = 1024 ** 3
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,6 +86,7 @@ class Setup:
     block_size: int = 64
     double_quant: bool = True
     prefetch: bool = True
+    device: str = "cuda"           # "cpu": the CPU's dequantization workspace counts too
 
     def __post_init__(self):
         for name in ("world_size", "gpu_bytes", "batch_size", "seq_len", "rank", "block_size"):
@@ -82,6 +95,8 @@ class Setup:
         unknown = sorted(set(self.target_modules) - set(ALL_LINEAR))
         if unknown or not self.target_modules:
             raise ValueError(f"target_modules must be a non-empty subset of {ALL_LINEAR}, got {unknown or '()'}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.compute_bytes not in (2, 4):
             raise ValueError(f"compute_bytes must be 2 (bf16) or 4 (fp32), got {self.compute_bytes}")
 
@@ -105,41 +120,52 @@ def lora_parameters(shape: llama.LlamaConfig, setup: Setup) -> int:
     return per_layer * shape.num_hidden_layers
 
 
-def layer_activation_bytes(shape: llama.LlamaConfig, setup: Setup) -> int:
-    """Bytes autograd keeps for one decoder layer's backward (no checkpointing), all tokens, not counting
-    the layer's input (the "layer inputs" row).
-
-    Per token, listed from ``llama.model.DecoderLayer`` with ``saved_tensors_hooks`` (c = compute bytes):
-    the normalised input kept by q/k/v's LoRA, q and the rotated k and v repeated to every query head
-    (scaled_dot_product_attention's inputs), the attention output kept by o_proj: 6 h values; gate,
-    up, silu(gate) and silu(gate) * up kept by down_proj: 4 i; each LoRA's A output: r per target;
-    RMSNorm's fp32 copies (the post-attention residual in fp32; both inputs upcast when c = 2);
-    fp32 statistics (two rsqrt, one log-sum-exp per head). Plus the rotary cos/sin tables."""
-    h, i, c = shape.hidden_size, shape.intermediate_size, setup.compute_bytes
-    norms = 4 * h * (1 if c == 4 else 2)
-    per_token = c * (6 * h + 4 * i) + c * setup.rank * len(setup.target_modules) + norms
-    per_token += 4 * (2 + shape.num_attention_heads)
-    head_dim = h // shape.num_attention_heads
-    return setup.batch_size * setup.seq_len * per_token + 2 * setup.seq_len * head_dim * c
+# The components the phases are made of; recipe.phase_memory files measured storages under the same names.
+PERSISTENT_ROWS = ("NF4 codes", "frozen weights", "absmax", "embeddings", "LoRA fp32")
+FRAGMENTATION = 0.05   # reserved / allocated - 1 assumed for the caching allocator (see ``Plan.reserved_bytes``)
 
 
 @dataclasses.dataclass
 class Plan:
-    """Rows of (name, bytes per rank, where, what) and the peak, per rank."""
+    """Rows of (name, bytes per rank, where, what); ``phases``: {phase: {component: bytes}} of what is live
+    together at that phase's peak on the device, on top of the persistent rows. The device peak
+    (``peak_gpu_bytes``, what ``torch.cuda.max_memory_allocated`` reads) is the persistent bytes plus
+    the largest phase, not the sum of every row: a step's logits, recomputed layer and gradients are
+    never all alive at once."""
     shape: llama.LlamaConfig
     setup: Setup
     rows: list[tuple[str, int, str, str]]
+    phases: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def total(self, where: str) -> int:
         return sum(b for _, b, w, _ in self.rows if w == where)
 
     @property
+    def persistent_device_bytes(self) -> int:
+        return sum(b for n, b, w, _ in self.rows if w == "device" and n.startswith(PERSISTENT_ROWS))
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda phase: sum(self.phases[phase].values()))
+
+    @property
     def peak_gpu_bytes(self) -> int:
-        return self.total("device")
+        """Allocated bytes at the step's peak: persistent + the largest phase."""
+        return self.persistent_device_bytes + sum(self.phases[self.peak_phase].values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the caching allocator holds at the peak (``torch.cuda.max_memory_reserved``): the allocated
+        peak plus ``FRAGMENTATION`` for blocks rounded up and split segments that cannot be reused. An
+        assumption, not yet measured on a GPU; ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
+        (see ``recipe.device.memory_budget``) keeps it small for a loop whose sizes repeat every step."""
+        return int(self.peak_gpu_bytes * (1 + FRAGMENTATION))
 
     @property
     def fits(self) -> bool:
-        return self.peak_gpu_bytes <= self.setup.gpu_bytes
+        """The reserved estimate against the budget (``Setup.gpu_bytes``: free memory after start-up
+        minus a headroom, ``recipe.device.memory_budget``)."""
+        return self.reserved_bytes <= self.setup.gpu_bytes
 
     def table(self) -> str:
         s = self.setup
@@ -151,40 +177,54 @@ class Plan:
         lines = [head, f"{'per rank':<34}{'MiB':>10}  where   what", "-" * 100]
         lines += [f"{name:<34}{b / 2**20:>10.1f}  {where:<7} {what}" for name, b, where, what in self.rows]
         lines.append("-" * 100)
-        lines.append(f"{'peak on the device':<34}{self.peak_gpu_bytes / 2**20:>10.1f}  = {self.peak_gpu_bytes / GiB:.2f} "
-                     f"GiB of {s.gpu_bytes / GiB:.1f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}")
+        for phase, parts in self.phases.items():
+            live = " + ".join(f"{k} {v / 2**20:.0f}" for k, v in parts.items() if v)
+            mark = "  <- peak" if phase == self.peak_phase else ""
+            lines.append(f"{'phase: ' + phase:<34}{sum(parts.values()) / 2**20:>10.1f}  = {live}{mark}")
+        lines.append(f"{'peak allocated on the device':<34}{self.peak_gpu_bytes / 2**20:>10.1f}  = persistent "
+                     f"{self.persistent_device_bytes / 2**20:.0f} + phase '{self.peak_phase}'")
+        lines.append(f"{'peak reserved (compared)':<34}{self.reserved_bytes / 2**20:>10.1f}  = {self.reserved_bytes / GiB:.2f} "
+                     f"GiB of {s.gpu_bytes / GiB:.1f} GiB budget: {'fits' if self.fits else 'DOES NOT FIT'}")
         if self.total("cpu"):
             lines.append(f"{'held in CPU memory (offload)':<34}{self.total('cpu') / 2**20:>10.1f}  = "
-                         f"{self.total('cpu') / GiB:.2f} GiB")
+                         f"{self.total('cpu') / GiB:.2f} GiB, pinned memory included")
         return "\n".join(lines)
 
 
-def gathered_bytes(embedding: int, layer: int, head: int, n_layers: int, prefetch: bool) -> int:
-    """The most memory all-gathered at once. Units run in the order embedding, layers, lm_head; with
-    prefetch the next one is gathered while the current one computes, so the peak is the largest sum of
-    two neighbours. A tied lm_head shares the embedding, which then stays in the root, gathered."""
-    if head == 0:
-        return embedding + (2 if prefetch else 1) * layer
-    sizes = [embedding, *[layer] * n_layers, head]
-    return max(a + b for a, b in zip(sizes, sizes[1:])) if prefetch else max(sizes)
+PINNED_ALIGN = 64  # bytes: sharding's offload arena starts every slice on a cache line (sharding/offload.py)
+
+
+def pinned_bytes(shard_sizes) -> int:
+    """Pinned host memory for offloaded shards: ``sharding`` slices one exactly sized arena per rank and
+    page-locks it once, each slice (a flat group's shard) rounded up to ``PINNED_ALIGN`` bytes -- not
+    PyTorch's pinned caching allocator, which would round every allocation up to a power of two."""
+    return sum(-(-n // PINNED_ALIGN) * PINNED_ALIGN for n in shard_sizes if n > 0)
+
+
+def unit_bytes(shape: llama.LlamaConfig, setup: Setup) -> dict[str, int]:
+    """Full (unsharded) bytes of the sharding units' parts: one decoder layer's frozen ``codes`` (the
+    weights themselves without quantization), ``absmax`` and ``norms``, its LoRA parameter count
+    ``lora_params``, the ``embedding`` and the ``head`` (0 when tied to the embedding)."""
+    c, linears = setup.compute_bytes, linear_shapes(shape)
+    if setup.quantize:
+        codes, absmax = map(sum, zip(*(quantized_bytes(o * i, setup.block_size, setup.double_quant)
+                                       for o, i in linears.values())))
+    else:
+        codes, absmax = c * sum(o * i for o, i in linears.values()), 0
+    embedding = shape.vocab_size * shape.hidden_size * c
+    return {"codes": codes, "absmax": absmax, "norms": 2 * shape.hidden_size * c,
+            "lora_params": lora_parameters(shape, setup) // shape.num_hidden_layers, "embedding": embedding,
+            "head": 0 if shape.tie_word_embeddings else embedding}
 
 
 def plan(config, setup: Setup | None = None) -> Plan:
     """Per-rank memory of fine-tuning ``config`` (see ``llama_config``) under ``setup``."""
     shape = llama_config(config)
     setup = setup or Setup()
-    w, c = setup.world_size, setup.compute_bytes
-    h, v, n_layers = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
-    linears = linear_shapes(shape)
-    if setup.quantize:
-        codes, absmax = map(sum, zip(*(quantized_bytes(o * i, setup.block_size, setup.double_quant)
-                                       for o, i in linears.values())))
-    else:
-        codes, absmax = c * sum(o * i for o, i in linears.values()), 0
-    norms = 2 * h * c
-    lora_layer = lora_parameters(shape, setup) // n_layers
-    embedding = v * h * c
-    head = 0 if shape.tie_word_embeddings else embedding
+    w, h, n_layers = setup.world_size, shape.hidden_size, shape.num_hidden_layers
+    units = unit_bytes(shape, setup)
+    codes, absmax, norms, embedding, head = (units[k] for k in ("codes", "absmax", "norms", "embedding", "head"))
+    lora_layer, c = units["lora_params"], setup.compute_bytes
     layer_unit = codes + absmax + norms + lora_layer * c   # one gathered decoder layer
 
     def shard(nbytes: int) -> int:  # padded to a multiple of the world size, 1/world per rank
@@ -199,50 +239,30 @@ def plan(config, setup: Setup | None = None) -> Plan:
          "8-bit absmax + fp32 per 256 blocks" if setup.double_quant else "fp32 absmax per block"),
         ("embeddings, norms, lm_head (shard)", shard(embedding) + shard(head) + n_layers * shard(norms) + shard(h * c),
          resident, "unquantized, compute dtype"),
-        ("LoRA fp32 master + grad + AdamW", shard(16 * trainable), resident,
-         f"{trainable / 1e6:.2f}M trainable params x 16 B / {w}"),
-        ("gathered units (current + next)", gathered_bytes(embedding, layer_unit, head, n_layers, setup.prefetch),
-         "device", "two neighbouring units all-gathered at once (prefetch)"),
-        ("dequantized weight (working set)", c * max(o * i for o, i in linears.values()) if setup.quantize else 0,
-         "device", "the largest linear, one at a time"),
+        ("LoRA fp32 master + AdamW", shard(12 * trainable), resident,
+         f"{trainable / 1e6:.2f}M trainable params x 12 B / {w} (+ 4 B gradient in backward)"),
     ]
-    tokens = setup.batch_size * setup.seq_len
-    rows.append(("activations: layer inputs", n_layers * tokens * h * c, "device", "each layer's input"))
-    if setup.activation_checkpointing:
-        rows.append(("activations: one layer recomputed", layer_activation_bytes(shape, setup), "device",
-                     "the layer under backward"))
-    else:
-        rows.append(("activations: all layers", n_layers * layer_activation_bytes(shape, setup), "device",
-                     "everything else autograd saves"))
-    rows.append(("backward temporaries", tokens * c * (3 * h + 2 * shape.intermediate_size), "device",
-                 "gradients flowing through one layer"))
-    logits_bytes = tokens * v * (c + 12 if c == 2 else 12)
-    rows.append(("logits + loss", logits_bytes, "device", "logits, fp32 log-softmax and its gradient"))
-    return Plan(shape, setup, rows)
+    if setup.offload:  # one arena slice per flat group: a layer's frozen and trainable groups, norms
+        groups, whole = [shard(codes + absmax), shard(norms), shard(4 * lora_layer)], [shard(embedding), shard(head)]
+        rounding = n_layers * (pinned_bytes(groups) - sum(groups)) + pinned_bytes(whole) - sum(whole)
+        rows.append(("pinned alignment (offload)", rounding, "cpu", f"arena slices aligned to {PINNED_ALIGN} B"))
+    order = [embedding, *[layer_unit] * n_layers] + ([head] if head else [])
+    phases = phase_bytes(shape, setup, order)
+    peak = max(phases.values(), key=lambda parts: sum(parts.values()))
+    describe = {"gathered units": "all-gathered units live together (prefetch)",
+                "dequantized weight": "the largest linear, one at a time",
+                "activations": "saved for backward" + (" (layer inputs)" if setup.activation_checkpointing else ""),
+                "recompute": "one layer's activations, recomputed", "backward": "gradients flowing through one layer",
+                "logits + loss": "logits and cross-entropy's fp32 copies"}
+    rows += [(f"{name} (at the peak)", b, "device", describe[name]) for name, b in peak.items() if b]
+    return Plan(shape, setup, rows, phases)
 
 
 def main(argv=None) -> Plan:
-    p = argparse.ArgumentParser(prog="python -m recipe.plan", description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", default="llama-2-70b", help="preset name, config.json or checkpoint dir")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--gpu-gib", type=float, default=24.0)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--target-modules", default=",".join(ALL_LINEAR))
-    p.add_argument("--dora", action="store_true")
-    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
-    p.add_argument("--offload", action="store_true")
-    p.add_argument("--no-quant", dest="quantize", action="store_false")
-    p.add_argument("--fp32", action="store_true", help="compute in fp32 (4 bytes) instead of bf16")
-    a = p.parse_args(argv)
-    setup = Setup(world_size=a.world_size, gpu_bytes=int(a.gpu_gib * GiB), batch_size=a.batch_size,
-                  seq_len=a.seq_len, rank=a.rank, target_modules=tuple(a.target_modules.split(",")), dora=a.dora,
-                  activation_checkpointing=a.activation_checkpointing, offload=a.offload, quantize=a.quantize,
-                  compute_bytes=4 if a.fp32 else 2)
-    result = plan(a.config, setup)
-    print(result.table())
-    return result
+    """``python -m recipe.plan``: see ``recipe.plan_cli``."""
+    from .plan_cli import main as cli
+
+    return cli(argv)
 
 
 if __name__ == "__main__":

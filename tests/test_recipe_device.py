@@ -64,3 +64,48 @@ def test_auto_counts_the_processes_a_launcher_is_about_to_start(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_device("auto", per_node=1) == torch.device("cuda", 0)
     assert resolve_device("auto", per_node=2) == torch.device("cpu")  # benchmarks.e2e --ranks 2 on one GPU
+
+
+def test_gpu_budget_is_free_memory_after_start_up_minus_the_stated_headroom(monkeypatch):
+    from recipe.device import HEADROOM, memory_budget
+
+    fake_gpus(monkeypatch, 1)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (20 * 2**30, 24 * 2**30))
+    cuda = torch.device("cuda", 0)
+    assert sum(HEADROOM.values()) == 512 * 2**20
+    assert memory_budget(cuda) == 20 * 2**30 - 512 * 2**20   # free, not total: context + NCCL already taken
+    assert asked == [cuda]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**20, 24 * 2**30))
+    assert memory_budget(cuda) == 0                            # never negative
+    assert memory_budget(cuda, memory_gib=1.5) == int(1.5 * 2**30)  # an explicit --memory-gib wins
+
+
+def test_budget_rejects_a_non_positive_memory_request():
+    from recipe.device import memory_budget
+
+    with pytest.raises(ValueError, match="--memory-gib must be > 0, got 0"):
+        memory_budget(torch.device("cpu"), memory_gib=0)
+
+
+def test_cpu_budget_is_this_ranks_share_of_available_memory(monkeypatch):
+    from recipe.device import memory_budget
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    one = memory_budget(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert 0 < memory_budget(torch.device("cpu")) <= one // 4 + 2**30  # MemAvailable moves a little between reads
+
+
+def test_reserved_peak_and_cache_release_go_to_the_gpu_only(monkeypatch):
+    from recipe.device import device_reserved_peak_mib, release_cached_blocks
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    assert device_reserved_peak_mib(torch.device("cuda", 0)) == 3.0
+    assert device_reserved_peak_mib(torch.device("cpu")) is None
+    release_cached_blocks(torch.device("cpu"))
+    assert calls == []
+    release_cached_blocks(torch.device("cuda", 0))
+    assert calls == ["empty_cache"]

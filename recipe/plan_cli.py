@@ -1,0 +1,105 @@
+"""``python -m recipe.plan``: the memory plan, and on request the step time and the sharding comparison.
+
+    python -m recipe.plan llama-2-70b --world-size 2 --batch-size 2 --seq-len 2048 --offload --gpu rtx3090
+    python -m recipe.plan llama-2-7b --cpu                      # time on this machine (measured rates)
+    python -m recipe.plan llama-2-70b --published               # predicted vs the reference's 70B runs
+    python -m recipe.plan llama-2-70b --nodes 2 --gpus-per-node 8 --intra-gbs 300 --inter-gbs 25
+
+A user error (unknown preset, bad flag value) is one line ``error: ...`` on stderr and exit status 2;
+``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .plan import ALL_LINEAR, GiB, Plan, Setup, plan
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from .timemodel import GPUS
+
+    p = OneLineParser(prog="python -m recipe.plan", description=__doc__.split("\n")[0])
+    p.add_argument("config", nargs="?", default="llama-2-70b", help="preset name, config.json or checkpoint dir")
+    p.add_argument("--world-size", type=positive(int), default=2)
+    p.add_argument("--gpu-gib", type=positive(float), default=24.0, help="memory budget per rank")
+    p.add_argument("--batch-size", type=positive(int), default=2)
+    p.add_argument("--seq-len", type=positive(int), default=2048)
+    p.add_argument("--rank", type=positive(int), default=64)
+    p.add_argument("--target-modules", default=",".join(ALL_LINEAR))
+    p.add_argument("--dora", action="store_true")
+    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--no-quant", dest="quantize", action="store_false")
+    p.add_argument("--fp32", action="store_true", help="compute in fp32 (4 bytes) instead of bf16")
+    p.add_argument("--gpu", choices=sorted(GPUS), help="predict the step time on this GPU (datasheet rates)")
+    p.add_argument("--cpu", action="store_true", help="predict the step time on this machine (measured rates)")
+    p.add_argument("--published", action="store_true", help="predicted vs published s/step of the reference 70B runs (their setup, not these flags)")
+    p.add_argument("--nodes", type=positive(int), default=None, help="compare full vs hybrid sharding on N nodes")
+    p.add_argument("--gpus-per-node", type=positive(int), default=None)
+    p.add_argument("--intra-gbs", type=positive(float), default=25.0, help="GB/s between GPUs of a node")
+    p.add_argument("--inter-gbs", type=positive(float), default=12.5, help="GB/s of a node's network link")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def run(args) -> Plan:
+    from .links import Interconnect, compare_strategies
+    from .timemodel import GPUS, published_check, time_table
+
+    setup = Setup(world_size=args.world_size, gpu_bytes=int(args.gpu_gib * GiB), batch_size=args.batch_size,
+                  seq_len=args.seq_len, rank=args.rank, target_modules=tuple(args.target_modules.split(",")),
+                  dora=args.dora, activation_checkpointing=args.activation_checkpointing, offload=args.offload,
+                  quantize=args.quantize, compute_bytes=4 if args.fp32 else 2)
+    result = plan(args.config, setup)
+    print(result.table())
+    if args.gpu:
+        print(time_table(result.shape, setup, GPUS[args.gpu]))
+    if args.cpu:
+        from .microbench import describe, measure_machine
+
+        size = min(2048, max(64, result.shape.hidden_size))  # matmuls of the model's width
+        machine = measure_machine(ranks=args.world_size, dtype="float32" if args.fp32 else "bfloat16", size=size)
+        print(describe(machine))
+        print(time_table(result.shape, setup, machine))
+    if args.published:
+        print(published_check())
+    if args.nodes is not None or args.gpus_per_node is not None:
+        nodes, per_node = args.nodes or 1, args.gpus_per_node or args.world_size
+        print(compare_strategies(result.shape, setup, nodes, per_node, Interconnect(args.intra_gbs, args.inter_gbs)))
+    return result
+
+
+def main(argv=None) -> Plan:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
