@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llama import PRESETS
-from llama.cli import Parser, integer, run_command
+from llama.cli import Parser, fail, integer, run_command
 
 from .build import DEFAULT_MODEL
 from .plan import ALL_LINEAR, GiB, Setup, plan
@@ -61,7 +61,9 @@ def run(model_dir: Path, out: Path, args) -> dict:
                "--tokenizer", "byte", "--dtype", args.dtype, "--device", args.device]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if done.returncode:
+        fail(f"the measured run failed with exit status {done.returncode} (its output is above)")
     summary = json.loads((out / "summary.json").read_text())
     for rank, record in enumerate(summary["ranks"]):
         record["phases"] = json.loads((out / f"phase_peaks_rank{rank}.json").read_text())

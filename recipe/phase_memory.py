@@ -25,7 +25,6 @@ two checks the planner's model of what is live together at the peak.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +32,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from torch.utils._pytree import tree_flatten
+
+from llama.cli import run_command
 
 from .memory import TensorMemory
 
@@ -184,4 +185,4 @@ def train_with_phase_memory(argv) -> dict:
 
 
 if __name__ == "__main__":
-    train_with_phase_memory(sys.argv[1:])
+    run_command(train_with_phase_memory)

@@ -170,3 +170,12 @@ def test_generate_and_export_flags(capsys):
                     "argument --top-k: expected an integer >= 1, got '0'")
     assert_one_line(*outcome(export.main, ["--model", "m", "--adapter", "a", "--out", "o", "--max-shard-size", "lots"],
                              capsys), "--max-shard-size must be a positive size such as 5GB or 500MiB, got 'lots'")
+
+
+def test_plan_flags(capsys):
+    from recipe.plan import main
+
+    for argv, expected in ((["--gpu-gib", "nan"], "argument --gpu-gib: expected a finite number > 0, got 'nan'"),
+                           (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+                           (["llama-9"], "unknown preset 'llama-9'")):
+        assert_one_line(*outcome(main, argv, capsys), expected)
