@@ -144,8 +144,8 @@ def run_command(main: Callable, argv: list[str] | None = None):
 class _Lines:
     """Progress as plain lines: one every ``every`` updates and at the last (for logs and pipes)."""
 
-    def __init__(self, total: int, initial: int, desc: str, every: int):
-        self.total, self.n, self.desc, self.every, self.postfix = total, initial, desc, every, {}
+    def __init__(self, total: int, initial: int, desc: str, every: int, stream):
+        self.total, self.n, self.desc, self.every, self.stream, self.postfix = total, initial, desc, every, stream, {}
 
     def set_postfix(self, **values) -> None:
         self.postfix = values
@@ -154,7 +154,7 @@ class _Lines:
         self.n += n
         if self.n % self.every == 0 or self.n == self.total:
             fields = "".join(f" {k}={v}" for k, v in self.postfix.items())
-            print(f"{self.desc}: {self.n}/{self.total}{fields}", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {self.n}/{self.total}{fields}", file=self.stream, flush=True)
 
     def close(self) -> None:
         pass
@@ -168,5 +168,5 @@ def progress(total: int, initial: int = 0, desc: str = "", every: int | None = N
     if stream.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-    return _Lines(total, initial, desc, every or max(1, total // 20))
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=stream)
+    return _Lines(total, initial, desc, every or max(1, total // 20), stream)
