@@ -11,7 +11,8 @@ dtype, and the layer is sharded before the next one is read (every decoder layer
 and lm_head, is a sharding unit). So while loading a rank holds its own shards plus about one layer.
 
 Each component has a library twin (``recipe/twins``), chosen by one option, so one swap at a time can
-be compared: ``quant`` nf4 | bnb | none, ``lora`` ours | peft, ``shard`` ours | fsdp2 | none. This file
+be compared: ``quant`` nf4 | bnb | none, ``lora`` ours | peft, ``shard`` ours | hybrid | fsdp2 |
+fsdp2-hybrid | none (``shard_size``: ranks per shard group of the hybrid ones, default one node). This file
 does the same thing whichever is chosen; the twins differ only behind their interface.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .device import device_peak_mib, reset_device_peak
 from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .plan import ALL_LINEAR
 from .twins import LORA, QUANT, SHARDERS, TrainableModel, prequantized_linear, reset_lora_init
+from .twins.sharders import HYBRID
 
 DEFAULT_MODEL = BUNDLED_MODEL
 CHOICES = {"quant": tuple(QUANT), "lora": tuple(LORA), "shard": tuple(SHARDERS)}
@@ -42,6 +44,7 @@ class BuildOptions:
     quant: str = "nf4"
     lora: str = "ours"
     shard: str = "ours"
+    shard_size: int | None = None  # hybrid shards: ranks per shard group (default: torchrun's LOCAL_WORLD_SIZE)
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -57,7 +60,12 @@ class BuildOptions:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.shard == "fsdp2" and self.quant == "bnb":
+        if self.shard_size is not None and self.shard not in HYBRID:
+            raise ValueError(f"--shard-size is for --shard {' or '.join(HYBRID)}, got --shard {self.shard}")
+        if self.shard_size is not None and (isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int)
+                                            or self.shard_size < 1):
+            raise ValueError(f"--shard-size must be a positive integer, got {self.shard_size!r}")
+        if self.shard.startswith("fsdp2") and self.quant == "bnb":
             raise ValueError("--quant bnb with --shard fsdp2 is not supported: FSDP2 would shard bitsandbytes' "
                              "Params4bit and lose its quant_state (swap one component at a time)")
         if self.lora == "peft" and self.dora and self.quant != "none":
@@ -165,6 +173,6 @@ def build(opts: BuildOptions, process_group=None) -> Built:
                                      lambda layer: lora_names.extend(load_next_layer(model, stream, opts)),
                                      opts, process_group)
     description = (f"{opts.quant} base, {opts.lora} LoRA (r={opts.rank}, {len(lora_names)} layers), "
-                   f"{opts.shard} sharding")
+                   f"{opts.shard} sharding" + (f" (shard size {opts.shard_size})" if opts.shard_size else ""))
     return Built(trainable, lora_names, opts.device, peak_rss_bytes(), rss_before, device_peak_mib(opts.device),
                  description)

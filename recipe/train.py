@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m recipe.train                 # the default run (bundled tiny-llama)
     python -m recipe.train --steps 20                           # one process, no torchrun needed
     torchrun --nproc_per_node 2 -m recipe.train --quant bnb     # bitsandbytes Linear4bit as the base
-    ... --lora peft | --shard fsdp2 | --resume | --activation-checkpointing | --offload
+    ... --lora peft | --shard fsdp2 | --shard hybrid | --resume | --activation-checkpointing | --offload
 
 Default: fine-tune the bundled pretrained tiny-llama (pretrained on Python source) on a different
 domain -- the English documentation of ``pydoc_data/topics.py`` -- and print held-out loss before and
@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="byte: the byte tokenizer for any base with vocab >= 258 (e.g. random-weight test models)")
     for name, choices in CHOICES.items():
         p.add_argument(f"--{name}", choices=choices, default=choices[0])
+    p.add_argument("--shard-size", type=integer(minimum=1), default=None,
+                   help="--shard hybrid / fsdp2-hybrid: ranks per shard group (default: the ranks of one node, "
+                        "torchrun's LOCAL_WORLD_SIZE); the groups are replicated across nodes")
     p.add_argument("--rank", type=integer(minimum=1), default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=number(above=0), default=16.0)
     p.add_argument("--dropout", type=number(minimum=0, below=1), default=0.0)
@@ -84,7 +87,8 @@ def module_names(text: str) -> tuple[str, ...]:
 
 def job_config(args: argparse.Namespace, device: torch.device = torch.device("cpu")) -> JobConfig:
     """The flags as the typed configuration the job runs (``--dtype`` defaulting for ``device``)."""
-    build = BuildOptions(model=args.model, quant=args.quant, lora=args.lora, shard=args.shard, rank=args.rank,
+    build = BuildOptions(model=args.model, quant=args.quant, lora=args.lora, shard=args.shard,
+                         shard_size=args.shard_size, rank=args.rank,
                          alpha=args.alpha, dropout=args.dropout, dora=args.dora,
                          target_modules=args.target_modules,
                          compute_dtype=DTYPES[args.dtype or default_dtype(device)], offload=args.offload,

@@ -60,7 +60,7 @@ def test_a_batch_that_cannot_fit_the_plan_warns_with_the_plan(tiny_model):
     messages = []
     check_plan(job_config(parse_args(["--memory-gib", "0.001", "--batch-size", "64"])),
                llama.LlamaConfig.from_hf(tiny_model), 2, messages.append)
-    assert len(messages) == 1 and "exceeds" in messages[0] and "peak on the device" in messages[0]
+    assert len(messages) == 1 and "exceeds" in messages[0] and "DOES NOT FIT" in messages[0]
     messages.clear()
     check_plan(job_config(parse_args(["--memory-gib", "64"])), llama.LlamaConfig.from_hf(tiny_model), 2,
                messages.append)

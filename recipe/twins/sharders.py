@@ -1,8 +1,18 @@
 """The sharding twins, and the one interface the loop, the adapter writer and the checkpoints use.
 
-    ours   ``sharding.shard_model``   pulls each decoder layer through ``load_layer`` as it shards it
-    fsdp2  PyTorch ``fully_shard``    shards each unit right after it is loaded (DTensor parameters)
-    none   nothing sharded            plain data parallel: gradients all-reduced before clipping
+    ours          ``sharding.shard_model``   pulls each decoder layer through ``load_layer`` as it shards it
+    hybrid        the same, on a 2-D layout  sharded within a node, replicated across nodes
+    fsdp2         PyTorch ``fully_shard``    shards each unit right after it is loaded (DTensor parameters)
+    fsdp2-hybrid  ``fully_shard`` on a 2-D   FSDP2's HSDP: a ``(replicate, shard)`` DeviceMesh
+                  ``DeviceMesh``
+    none          nothing sharded            plain data parallel: gradients all-reduced before clipping
+
+Hybrid sharding (``sharding/groups.py``) puts the ranks in a grid of ``replicas x shard_size``: each
+row (``shard_size`` consecutive ranks, by default torchrun's ``LOCAL_WORLD_SIZE``: one node) shards
+the model as plain FSDP does, over the fast links inside a node; each column holds the same slice, and
+only the gradient slices cross the slow links (one all-reduce per step). Plain FSDP is
+``shard_size = world``; DDP-like replication is ``shard_size = 1``. ``BuildOptions.shard_size`` overrides
+the default; both twins lay the ranks out the same way.
 
 Each sharder is called as ``SHARDERS[name](model, ends, layers, load_layer, opts, process_group)``:
 ``ends`` (embedding, lm_head) are loaded already, ``load_layer(layer)`` loads, quantizes and wraps one
@@ -11,6 +21,7 @@ decoder layer. Each returns a `TrainableModel`.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -71,9 +82,17 @@ class TrainableModel(abc.ABC):
 
     @torch.no_grad()
     def load_local_state(self, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
-        """Put back what `local_state` returned: the trainable tensors and the optimizer's state."""
+        """Put back what `local_state` returned: the trainable tensors and the optimizer's state.
+
+        Under hybrid sharding every replica saved its own copy of its slice, so each rank reads its own
+        file. A checkpoint of another layout (another ``--shard-size``) has slices of other shapes: refused."""
         for i, p in enumerate(self.parameters()):
-            self.to_local(p).copy_(state[f"param.{i}"])
+            local, saved = self.to_local(p), state.get(f"param.{i}")
+            if saved is None or saved.shape != local.shape:
+                raise ValueError(f"--resume: this rank's trainable tensor {i} has shape {tuple(local.shape)}, the "
+                                 f"checkpoint's has {None if saved is None else tuple(saved.shape)} (written with "
+                                 "another --shard / --shard-size / model?)")
+            local.copy_(saved)
             if f"exp_avg.{i}" in state:
                 optimizer.state[p] = {"step": state[f"step.{i}"].reshape(()).clone(),
                                       **{key: self.from_local(state[f"{key}.{i}"], p) for key in MOMENTS}}
@@ -144,16 +163,52 @@ class Fsdp2Sharded(Unsharded):
 LoadLayer = Callable[[nn.Module], None]
 
 
-def shard_ours(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, process_group=None) -> TrainableModel:
+def hybrid_shape(shard_size: int | None) -> tuple[int, int]:
+    """``(replicas, shard_size)`` of the default group: ``shard_size`` (``--shard-size``) if given, else
+    torchrun's ``LOCAL_WORLD_SIZE`` (the ranks of one node; 1 process without torchrun is 1)."""
+    world = dist.get_world_size()
+    if shard_size is None:
+        if "LOCAL_WORLD_SIZE" not in os.environ and world > 1:
+            raise ValueError("--shard-size: not given, and LOCAL_WORLD_SIZE is not set to say how many ranks share "
+                             "a node (launch with torchrun, or pass --shard-size)")
+        shard_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world % shard_size:
+        raise ValueError(f"--shard-size {shard_size} must divide the world size {world} (ranks per shard group; "
+                         "the default is the ranks per node, torchrun's --nproc_per_node)")
+    return world // shard_size, shard_size
+
+
+def _shard_ours(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, **groups) -> TrainableModel:
     """``sharding.shard_model`` pulls each decoder layer through ``materialize`` as it reaches it."""
     def materialize(unit):
         if unit not in ends:  # a decoder layer (the ends are loaded already)
             load_layer(unit)
 
-    sharded = sharding.shard_model(model, ends + layers, process_group=process_group,
-                                   compute_dtype=opts.compute_dtype, reduce_dtype=torch.float32,
-                                   offload=opts.offload, materialize=materialize)
+    sharded = sharding.shard_model(model, ends + layers, compute_dtype=opts.compute_dtype,
+                                   reduce_dtype=torch.float32, offload=opts.offload, materialize=materialize,
+                                   **groups)
     return OursSharded(model, sharded)
+
+
+def shard_ours(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, process_group=None) -> TrainableModel:
+    """Plain FSDP over ``process_group`` (default: every rank)."""
+    return _shard_ours(model, ends, layers, load_layer, opts, process_group=process_group)
+
+
+def shard_ours_hybrid(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions,
+                      process_group=None) -> TrainableModel:
+    """Sharded within groups of ``shard_size`` consecutive ranks, replicated across them
+    (``sharding.hybrid_groups``); the layout is over every rank, so ``process_group`` must be None."""
+    _refuse_group("hybrid", process_group)
+    groups = sharding.hybrid_groups(hybrid_shape(opts.shard_size)[1])
+    return _shard_ours(model, ends, layers, load_layer, opts, shard_group=groups.shard_group,
+                       replicate_group=groups.replicate_group)
+
+
+def _refuse_group(shard: str, process_group) -> None:
+    if process_group is not None:
+        raise ValueError(f"--shard {shard} lays out every rank of the default group; process_group must be None, "
+                         f"got {process_group!r}")
 
 
 def nf4_tensors_as_buffers(model: nn.Module) -> None:
@@ -168,12 +223,12 @@ def nf4_tensors_as_buffers(model: nn.Module) -> None:
                 module.register_buffer(name, p.data)
 
 
-def shard_fsdp2(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, process_group=None) -> TrainableModel:
-    """``fully_shard`` on each end, on each decoder layer right after it is loaded, then on the root."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _fully_shard_each(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, mesh) -> TrainableModel:
+    """``fully_shard`` on each end, on each decoder layer right after it is loaded, then on the root. On
+    a 1-D mesh this is FSDP; on a 2-D ``(replicate, shard)`` mesh FSDP2 shards over the second dimension
+    and replicates over the first (HSDP: gradients reduce-scattered, then all-reduced across replicas)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(opts.device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=opts.compute_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if opts.offload else OffloadPolicy()
 
@@ -190,6 +245,26 @@ def shard_fsdp2(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, 
     return Fsdp2Sharded(model)
 
 
+def shard_fsdp2(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, process_group=None) -> TrainableModel:
+    """FSDP2 on a 1-D mesh of every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _refuse_group("fsdp2", process_group)
+    mesh = init_device_mesh(opts.device.type, (dist.get_world_size(),))
+    return _fully_shard_each(model, ends, layers, load_layer, opts, mesh)
+
+
+def shard_fsdp2_hybrid(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions,
+                       process_group=None) -> TrainableModel:
+    """FSDP2's HSDP on a ``(replicas, shard_size)`` mesh: row r is ranks r*shard_size .. (r+1)*shard_size-1,
+    the same grid as ``sharding.hybrid_groups``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _refuse_group("fsdp2-hybrid", process_group)
+    mesh = init_device_mesh(opts.device.type, hybrid_shape(opts.shard_size), mesh_dim_names=("replicate", "shard"))
+    return _fully_shard_each(model, ends, layers, load_layer, opts, mesh)
+
+
 def replicate(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, process_group=None) -> TrainableModel:
     """Every rank loads and keeps the whole model."""
     for layer in layers:
@@ -197,4 +272,6 @@ def replicate(model, ends, layers, load_layer: LoadLayer, opts: BuildOptions, pr
     return Unsharded(model)
 
 
-SHARDERS = {"ours": shard_ours, "fsdp2": shard_fsdp2, "none": replicate}
+SHARDERS = {"ours": shard_ours, "hybrid": shard_ours_hybrid, "fsdp2": shard_fsdp2, "fsdp2-hybrid": shard_fsdp2_hybrid,
+            "none": replicate}
+HYBRID = ("hybrid", "fsdp2-hybrid")  # the sharders that read ``BuildOptions.shard_size``
