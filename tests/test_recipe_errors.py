@@ -37,6 +37,7 @@ BAD_TRAIN_FLAGS = [
     (["--seq-len", "1"], "argument --seq-len: expected an integer >= 2, got '1'"),
     (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
     (["--rank", "0"], "argument --rank: expected an integer >= 1, got '0'"),
+    (["--shard-size", "0"], "argument --shard-size: expected an integer >= 1, got '0'"),
     (["--alpha", "inf"], "argument --alpha: expected a finite number > 0, got 'inf'"),
     (["--alpha", "0"], "argument --alpha: expected a finite number > 0, got '0'"),
     (["--dropout", "1"], "argument --dropout: expected a finite number >= 0 and < 1, got '1'"),
