@@ -107,6 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds with at least three significant digits (a GPU step takes about one millisecond)."""
+    ms = 1e3 * seconds
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads is not None:
@@ -160,7 +166,7 @@ def main(argv=None):
         fastest, median = min(wall[name]), statistics.median(wall[name])
         nbytes = lora.activation_bytes(saved[name])
         n_act = sum(not r.is_parameter for r in saved[name])
-        print(f"| {name} | {1e3 * fastest:.0f} ({1e3 * median:.0f}) | {fastest / ref_time:.2f}x | {1e3 * cpu[name]:.0f} | "
+        print(f"| {name} | {_ms(fastest)} ({_ms(median)}) | {fastest / ref_time:.2f}x | {_ms(cpu[name])} | "
               f"{cpu[name] / ref_cpu:.2f}x | {nbytes / 2**20:.2f} | "
               f"{nbytes / ref_bytes:.2f}x | {n_act} / {len(saved[name]) - n_act} |")
     print()

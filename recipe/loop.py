@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from llama.cli import progress
 from llama.training import mean_loss, warmup_cosine
 
 from . import checkpoint
 from .data import Batch, Sampler
-from .device import all_mean, device_peak_mib
+from .device import all_mean, collective_device, device_peak_mib
 from .memory import peak_rss_bytes
 from .twins import TrainableModel
 
@@ -41,6 +42,7 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 100
     save_every: int = 100
+    log_every: int = 10             # metrics become numbers (one host sync) every N steps, and at eval/save/end
     out: Path = Path("runs/default")
     progress: bool = True           # a progress bar on rank 0
 
@@ -82,19 +84,33 @@ def evaluate(model: TrainableModel, batches: Iterable[Batch]) -> float:
 
 
 def train_step(run: Run, config: LoopConfig, step: int) -> dict:
-    """One optimizer step; returns its metrics (loss averaged over micro-batches and ranks)."""
+    """One optimizer step; returns its metrics. "loss" (this rank's mean over micro-batches) and "grad_norm"
+    are still tensors on the device: the step never waits for the GPU (no ``.item()``, no ``float()``);
+    `log_records` turns them into numbers for every step since the last log, with one host sync."""
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     for _ in range(config.grad_accum):
         loss = batch_loss(run.model, run.sampler.next_batch().to(run.device))
         (loss / config.grad_accum).backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach()  # a tensor: ``loss.item()`` here would wait for the GPU every micro-batch
     grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": all_mean(loss_sum / config.grad_accum), "grad_norm": grad_norm, "lr": lr}
+    return {"step": step + 1, "loss": loss_sum / config.grad_accum, "grad_norm": grad_norm, "lr": lr}
+
+
+def to_numbers(records: list[dict]) -> None:
+    """Replace the tensors "loss" (then averaged over ranks) and "grad_norm" (the same on every rank) of
+    ``records`` by Python numbers: one all-reduce and one host sync for all of them, the only place the
+    training loop waits for the device."""
+    losses = torch.stack([r["loss"] for r in records]).to(collective_device(), torch.float64)
+    dist.all_reduce(losses)
+    norms = torch.stack([r["grad_norm"].detach().reshape(()) for r in records]).to(losses.device, torch.float64)
+    values = torch.stack([losses / dist.get_world_size(), norms]).tolist()  # the host sync
+    for record, loss, norm in zip(records, *values):
+        record["loss"], record["grad_norm"] = loss, norm
 
 
 def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:
@@ -115,14 +131,33 @@ def _show(bar, record: dict) -> None:
         bar.update(1)
 
 
+def log_records(run: Run, config: LoopConfig, records: list[dict], bar, on_step: StepCallback | None) -> None:
+    """Make ``records`` numbers (`to_numbers`), append them to ``<out>/metrics.jsonl`` on rank 0, show
+    them, and call ``on_step`` on each."""
+    to_numbers(records)
+    for record in records:
+        if run.rank == 0:
+            with (config.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        _show(bar, record)
+        if on_step is not None:
+            on_step(record)
+
+
 def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | None = None) -> LoopResult:
     """Steps ``start`` .. ``config.steps`` - 1. ``on_step(record)`` is called after each step's record is
-    logged (e.g. to watch or slow down a run), before its checkpoint."""
-    metrics, bar = config.out / "metrics.jsonl", _progress_bar(run, config, start)
+    logged (e.g. to watch or slow down a run), before the checkpoint that follows it.
+
+    Records are logged every ``log_every`` steps, and before an evaluation, a checkpoint and the end, so
+    the log of a resumed run still equals an unbroken one. Between two logs nothing waits for the GPU;
+    ``tokens_per_s`` of a step between logs is measured when its work was queued, exact at a logged step."""
+    bar, pending = _progress_bar(run, config, start), []
     t0, eval_loss, eval_seconds = time.perf_counter(), None, 0.0
     for step in range(start, config.steps):
         record = train_step(run, config, step)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        pending.append(record)
+        last, save = step + 1 == config.steps, (step + 1) % config.save_every == 0 and step + 1 < config.steps
+        if (step + 1) % config.eval_every == 0 or last:
             eval_start = time.perf_counter()
             record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout())
             eval_seconds += time.perf_counter() - eval_start
@@ -130,13 +165,10 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20
         if run.device.type == "cuda":
             record["peak_device_mib"] = device_peak_mib(run.device)
-        if run.rank == 0:
-            with metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        _show(bar, record)
-        if on_step is not None:
-            on_step(record)
-        if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+        if last or save or "eval_loss" in record or (step + 1) % config.log_every == 0:
+            log_records(run, config, pending, bar, on_step)
+            pending = []
+        if save:
             save_checkpoint(run, config, step + 1)
     if bar is not None:
         bar.close()

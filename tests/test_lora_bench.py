@@ -21,7 +21,7 @@ def test_quick_mode_prints_ours_and_peft_side_by_side():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\([a-d]\) [^|]+?) \| ([^|]+) \|", run.stdout, re.M)}
     for variant in ("(b) ours over bnb Linear4bit", "(c) PEFT over bnb Linear4bit", "(d) nn.Linear, full fine-tune"):
-        assert re.fullmatch(r"\d+ \(\d+\)", rows[variant]), run.stdout  # fastest (median) ms, both sides present
+        assert re.fullmatch(r"[\d.]+ \([\d.]+\)", rows[variant]), run.stdout  # fastest (median) ms, both sides present
     assert "(a) ours over nf4.Linear4bit" in rows
     assert "64 tokens, r=4" in run.stdout and "| CPU ms, median | CPU vs (c) |" in run.stdout
 

@@ -148,6 +148,8 @@ def _twin_state_round_trip(rank, world, model):
         batch = Batch.of_text(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank)))
         trainable.forward(**batch.model_inputs())[1].backward()
         norm = trainable.clip_grad_norm_(1.0)
+        assert isinstance(norm, torch.Tensor) and norm.dim() == 0  # a tensor: clipping does not wait for the device
+        norm = norm.item()
         optimizer.step()
         saved = trainable.local_state(optimizer)
         with torch.no_grad():
