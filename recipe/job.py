@@ -21,10 +21,11 @@ import torch.distributed as dist
 import llama
 
 from . import checkpoint, data
-from .adapter import base_shape, load_onto_base, save_trained_adapter
+from .adapter import load_onto_base, save_trained_adapter
 from .build import BuildOptions, Built, build
 from .corpus import Corpus, load_corpus, tokenizer_of
 from .device import device_peak_mib, memory_budget, release_cached_blocks, reset_device_peak
+from .fingerprint import of_job
 from .instruct.encode import TextEncoder
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
@@ -60,12 +61,8 @@ class JobConfig:
     track_memory: bool = False          # count live tensor bytes (slower)
 
     def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
-        """The settings a checkpoint must share with the run that resumes it."""
-        b, loop = self.build, self.loop
-        return {"quant": b.quant, "lora": b.lora, "shard": b.shard, "rank": b.rank, "alpha": b.alpha,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": loop.grad_accum,
-                "steps": loop.steps, "lr": loop.lr, "seed": b.seed, "target_modules": ",".join(b.target_modules),
-                "dtype": dtype_name(b.compute_dtype), "base": base_shape(model_config)}
+        """The settings a checkpoint must share with the run that resumes it (``recipe.fingerprint``)."""
+        return of_job(self, model_config)
 
 
 def check_plan(config: JobConfig, model_config: llama.LlamaConfig, world: int, log: Log) -> None:

@@ -6,7 +6,8 @@ With N nodes of G GPUs (world W = N x G), per rank and per optimizer step of one
 
 * full sharding: one group of all W ranks. Each unit is all-gathered in forward and again in backward
   (checkpointing's recompute reuses the backward gather; the embedding, whose backward never runs, is
-  gathered once), and each trainable group's gradient is reduce-scattered once. With N > 1 that group
+  gathered once, and so is the root unit holding the final norm, which stays gathered from its forward
+  through its backward), and each trainable group's gradient is reduce-scattered once. With N > 1 that group
   crosses nodes, so every byte counts as "inter".
 * hybrid sharding (shard within a node, replicate across nodes): the same all-gathers and
   reduce-scatters, inside the node's group of G ("intra"), then the reduce-scattered gradient shard
@@ -45,7 +46,8 @@ def step_payloads(config, setup: Setup) -> dict[str, int]:
     shape = llama_config(config)
     units, n_layers = unit_bytes(shape, setup), shape.num_hidden_layers
     layer = units["codes"] + units["absmax"] + units["norms"] + units["lora_params"] * setup.compute_bytes
-    gathered = units["embedding"] + 2 * (n_layers * layer + units["head"])  # embedding: forward only
+    root = shape.hidden_size * setup.compute_bytes  # the final norm, in the root unit: gathered once per step
+    gathered = units["embedding"] + 2 * (n_layers * layer + units["head"]) + root  # embedding: forward only
     return {"all_gather": gathered, "reduce_scatter": 4 * n_layers * units["lora_params"],
             "lora_grads": 4 * n_layers * units["lora_params"]}
 

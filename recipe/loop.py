@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llama.cli import progress
 from llama.training import warmup_cosine
 
 from . import checkpoint
@@ -47,6 +48,7 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 100
     save_every: int = 100
+    log_every: int = 10             # metrics become numbers (one host sync) every N steps, and at eval/save/end
     out: Path = Path("runs/default")
     progress: bool = True           # a progress bar on rank 0
 
@@ -107,22 +109,36 @@ def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.devi
 
 
 def train_step(run: Run, config: LoopConfig, step: int) -> dict:
-    """One optimizer step; returns its metrics (the loss per target token of the whole global batch)."""
+    """One optimizer step; returns its metrics. "loss" (this rank's token-loss sum times world / N, so that
+    `to_numbers`' mean over ranks is the loss per target token of the global batch) and "grad_norm" are
+    still tensors on the device; the target count N is the step's one sync, before the micro-batches."""
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
     targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
     for batch in batches:
         loss = loss_sum(run.model, batch.to(run.device))
         (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
-        total += loss.item()
+        total += loss.detach()
     grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": all_sum(total)[0] / targets, "grad_norm": grad_norm, "lr": lr,
+    return {"step": step + 1, "loss": total * (world / targets), "grad_norm": grad_norm, "lr": lr,
             "targets": targets}
+
+
+def to_numbers(records: list[dict]) -> None:
+    """Replace the tensors "loss" (then averaged over ranks) and "grad_norm" (the same on every rank) of
+    ``records`` by Python numbers: one all-reduce and one host sync for all of them, the only place the
+    training loop waits for the device."""
+    losses = torch.stack([r["loss"] for r in records]).to(collective_device(), torch.float64)
+    dist.all_reduce(losses)
+    norms = torch.stack([r["grad_norm"].detach().reshape(()) for r in records]).to(losses.device, torch.float64)
+    values = torch.stack([losses / dist.get_world_size(), norms]).tolist()  # the host sync
+    for record, loss, norm in zip(records, *values):
+        record["loss"], record["grad_norm"] = loss, norm
 
 
 def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:
@@ -133,26 +149,43 @@ def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:
 def _progress_bar(run: Run, config: LoopConfig, start: int):
     if run.rank != 0 or not config.progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True)
+    return progress(total=config.steps, initial=start, desc="train")  # plain lines when not on a terminal
 
 
 def _show(bar, record: dict) -> None:
     if bar is not None:
-        bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         mem=f"{record.get('peak_device_mib', record['peak_rss_mib']):.0f}M")
+        bar.update(1)
+
+
+def log_records(run: Run, config: LoopConfig, records: list[dict], bar, on_step: StepCallback | None) -> None:
+    """Make ``records`` numbers (`to_numbers`), append them to ``<out>/metrics.jsonl`` on rank 0, show
+    them, and call ``on_step`` on each."""
+    to_numbers(records)
+    for record in records:
+        if run.rank == 0:
+            with (config.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        _show(bar, record)
+        if on_step is not None:
+            on_step(record)
 
 
 def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | None = None) -> LoopResult:
     """Steps ``start`` .. ``config.steps`` - 1. ``on_step(record)`` is called after each step's record is
-    logged (e.g. to watch or slow down a run), before its checkpoint."""
-    metrics, bar = config.out / "metrics.jsonl", _progress_bar(run, config, start)
+    logged (e.g. to watch or slow down a run), before the checkpoint that follows it.
+
+    Records are logged every ``log_every`` steps, and before an evaluation, a checkpoint and the end, so
+    the log of a resumed run still equals an unbroken one. Between two logs nothing waits for the GPU;
+    ``tokens_per_s`` of a step between logs is measured when its work was queued, exact at a logged step."""
+    bar, pending = _progress_bar(run, config, start), []
     t0, eval_loss, eval_seconds = time.perf_counter(), None, 0.0
     for step in range(start, config.steps):
         record = train_step(run, config, step)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        pending.append(record)
+        last, save = step + 1 == config.steps, (step + 1) % config.save_every == 0 and step + 1 < config.steps
+        if (step + 1) % config.eval_every == 0 or last:
             eval_start = time.perf_counter()
             record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout(), run.device)
             eval_seconds += time.perf_counter() - eval_start
@@ -160,13 +193,10 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20
         if run.device.type == "cuda":
             record["peak_device_mib"] = device_peak_mib(run.device)
-        if run.rank == 0:
-            with metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        _show(bar, record)
-        if on_step is not None:
-            on_step(record)
-        if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+        if last or save or "eval_loss" in record or (step + 1) % config.log_every == 0:
+            log_records(run, config, pending, bar, on_step)
+            pending = []
+        if save:
             save_checkpoint(run, config, step + 1)
     if bar is not None:
         bar.close()

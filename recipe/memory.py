@@ -50,7 +50,7 @@ class TensorMemory(TorchDispatchMode):
                 self.at_peak = sorted((tuple(v) for v in self._live.values() if v[0] >= self.BIG), reverse=True)
 
     def _remeasure_big(self) -> None:
-        for key, ref in self._big.items():
+        for key, ref in list(self._big.items()):  # a copy: the cyclic collector may free one meanwhile
             storage = ref()
             if storage is not None and storage.nbytes() != self._live[key][0]:
                 self.current += storage.nbytes() - self._live[key][0]

@@ -12,20 +12,23 @@ components when it is created, and keeps, for each phase of the step, the peak a
                                     fp32 LoRA masters, AdamW moments)
                 gathered units      a storage the sharder resizes (its all-gathered flat buffers)
                 dequantized weight  a 1-D storage of a frozen linear's size (o * i) or its absmax count
-                                    (o * i / 64), or a 1-D integer one (the CPU path's index
-                                    workspace), forward or backward
+                                    (o * i / 64), or a 1-D integer one (the CPU path's per-chunk
+                                    scratch), forward or backward; on the CPU this includes nf4's
+                                    reused dense-weight workspace, made at the first forward (the
+                                    held-out loss before training) and live in every phase after
                 logits + loss       a tensor whose last dimension is the vocabulary
                 activations         any other storage created in forward (kept for backward or not)
-                recompute           created in backward while a module's forward runs (checkpointing)
+                recompute           created in backward while a module's forward runs or a checkpointed
+                                    layer is recomputed
                 backward            any other storage created in backward (gradients flowing, LoRA grads)
 
 The split is by where and when a storage is made, not by what the planner predicts, so comparing the
-two checks the planner's model of what is live together at the peak.
+two checks the planner's model of what is live together at the peak. A dispatch mode sees only its own
+thread: with several torch threads, nf4's CPU dequantize scratch in its worker threads is not counted.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +36,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from torch.utils._pytree import tree_flatten
+
+from llama.cli import run_command
 
 from .memory import TensorMemory
 
@@ -73,7 +78,8 @@ class PhaseMemory(TensorMemory):
         def opt(flag):
             return lambda *_: setattr(self, "_in_optimizer", flag)
 
-        self._hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post),
+        # always_call: a checkpointed layer's recompute stops early by raising out of its modules' forwards
+        self._hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True),
                        register_optimizer_step_pre_hook(opt(True)), register_optimizer_step_post_hook(opt(False))]
         return super().__enter__()
 
@@ -98,9 +104,9 @@ class PhaseMemory(TensorMemory):
         if tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
             return "logits + loss"
         if tensor.dim() == 1 and (tensor.numel() in self.weight_numels or not tensor.is_floating_point()):
-            return "dequantized weight"  # the weight, its fp32 absmax, the CPU path's integer workspace
+            return "dequantized weight"  # the weight (or CPU workspace), its fp32 absmax, the CPU path's scratch
         if phase.startswith("backward"):
-            return "recompute" if self._module_depth > 0 else "backward"
+            return "recompute" if self._module_depth > 0 or recomputing() else "backward"
         return "activations"
 
     # ------------------------------------------------------------------ TensorMemory's bookkeeping, per component
@@ -122,7 +128,7 @@ class PhaseMemory(TensorMemory):
                                             for key, (n, op) in self._live.items() if n >= self.LISTED), reverse=True)
 
     def _remeasure_big(self) -> None:
-        for key, ref in self._big.items():  # a storage whose size changed without an op: the sharder's
+        for key, ref in list(self._big.items()):  # a storage whose size changed without an op: the sharder's
             storage = ref()
             if storage is not None and storage.nbytes() != self._live[key][0] and key not in self._gathered:
                 self.by_component[self.component.pop(key)] -= self._live[key][0]
@@ -159,6 +165,15 @@ class PhaseMemory(TensorMemory):
         return out
 
 
+def recomputing() -> bool:
+    """Whether ``torch.utils.checkpoint`` (non-reentrant) is recomputing a forward: its recomputation
+    saved-tensor hooks are the innermost ones. It calls the checkpointed layer's own ``forward``
+    without that module's hooks, so module depth alone would miss the ops of the layer's body (the
+    residual sums). Reads torch's private hook stack (``torch._C._autograd``)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return top is not None and "_recomputation_hook" in getattr(top[0], "__qualname__", "")
+
+
 def train_with_phase_memory(argv) -> dict:
     """``recipe.train`` with ``--track-memory`` counting by ``PhaseMemory``; writes each rank's phase peaks
     to ``<out>/phase_peaks_rank<r>.json`` and returns them."""
@@ -184,4 +199,4 @@ def train_with_phase_memory(argv) -> dict:
 
 
 if __name__ == "__main__":
-    train_with_phase_memory(sys.argv[1:])
+    run_command(train_with_phase_memory)

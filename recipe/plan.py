@@ -16,7 +16,10 @@ Pure arithmetic on the config's numbers, one line per kind of memory (chapter 7 
 * transient: what one step adds, phase by phase (``recipe/phases.py``): the forward at the loss (the
   saved activations, the logits and cross-entropy's fp32 copies), the backward at the loss, the
   last layer's backward (its recomputation with checkpointing, the gathered layer and the prefetched
-  one, one dequantized weight, the gradients flowing), the optimizer (the LoRA gradients). The peak is
+  one, one dequantized weight, the gradients flowing), the optimizer (the LoRA gradients). On a GPU the
+  dequantized weight is a per-call temporary; on the CPU (``Setup.device="cpu"``) ``nf4.Linear4bit``
+  writes it into one reused workspace the size of the largest linear, kept from the first forward on,
+  so it is live in every phase, and each call adds only its scratch. The peak is
   the persistent bytes plus the largest phase -- not the sum of every term, which are never all alive
   at once -- and the table names the phase and lists what is live in it.
 
@@ -47,8 +50,7 @@ GiB = 1024 ** 3
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = ATTENTION + MLP
-NF4_TABLE_BYTES = 16 * 4          # the 16-value NF4 code book (fp32), stored with each quantized weight
-DQ_TABLE_BYTES = 256 * 4 + 4      # double quant: the 8-bit code book (fp32) and the absmax mean offset
+DQ_OFFSET_BYTES = 4               # double quant: the fp32 mean subtracted from the absmax before quantizing it
 
 
 def llama_config(config) -> llama.LlamaConfig:
@@ -86,7 +88,7 @@ class Setup:
     block_size: int = 64
     double_quant: bool = True
     prefetch: bool = True
-    device: str = "cuda"           # "cpu": the CPU's dequantization workspace counts too
+    device: str = "cuda"           # "cpu": nf4's CPU dequantization workspace and scratch instead
 
     def __post_init__(self):
         for name in ("world_size", "gpu_bytes", "batch_size", "seq_len", "rank", "block_size"):
@@ -102,14 +104,14 @@ class Setup:
 
 
 def quantized_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> tuple[int, int]:
-    """(code bytes, absmax bytes) of one NF4 weight: two codes per byte; one absmax per block, fp32, or
-    with double quantization 8 bits per block plus an fp32 scale per 256 blocks and the code tables."""
+    """(code bytes, absmax bytes) of one ``nf4.QuantizedWeight``: two codes per byte; one absmax per block,
+    fp32, or with double quantization 8 bits per block plus an fp32 scale per 256 blocks and the fp32
+    offset. The code books are constants of the ``nf4`` package, not stored with each weight (bitsandbytes'
+    quant state carries them: 1,088 more bytes per weight)."""
     blocks = math.ceil(numel / block_size)
     if double_quant:
-        absmax = blocks + 4 * math.ceil(blocks / 256) + DQ_TABLE_BYTES
-    else:
-        absmax = 4 * blocks
-    return math.ceil(numel / 2), absmax + NF4_TABLE_BYTES
+        return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / 256) + DQ_OFFSET_BYTES
+    return math.ceil(numel / 2), 4 * blocks
 
 
 def lora_parameters(shape: llama.LlamaConfig, setup: Setup) -> int:
@@ -250,7 +252,8 @@ def plan(config, setup: Setup | None = None) -> Plan:
     phases = phase_bytes(shape, setup, order)
     peak = max(phases.values(), key=lambda parts: sum(parts.values()))
     describe = {"gathered units": "all-gathered units live together (prefetch)",
-                "dequantized weight": "the largest linear, one at a time",
+                "dequantized weight": ("nf4's CPU workspace (largest linear, kept) + scratch" if setup.device == "cpu"
+                                       else "the largest linear, one at a time"),
                 "activations": "saved for backward" + (" (layer inputs)" if setup.activation_checkpointing else ""),
                 "recompute": "one layer's activations, recomputed", "backward": "gradients flowing through one layer",
                 "logits + loss": "logits and cross-entropy's fp32 copies"}

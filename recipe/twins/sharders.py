@@ -54,8 +54,9 @@ class TrainableModel(abc.ABC):
         """What the optimizer steps (this rank's trainable tensors, sharded or not)."""
 
     @abc.abstractmethod
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale the gradients so their global 2-norm (over all ranks) is at most ``max_norm``; return it."""
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so their global 2-norm (over all ranks) is at most ``max_norm``; return it as a
+        0-d tensor on the device (a Python float would make every step wait for the GPU)."""
 
     @abc.abstractmethod
     def trainable_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -121,7 +122,7 @@ class OursSharded(TrainableModel):
         return self.sharded.parameters()
 
     def clip_grad_norm_(self, max_norm):
-        return float(sharding.clip_grad_norm_(self.sharded, max_norm))
+        return sharding.clip_grad_norm_(self.sharded, max_norm)
 
     def trainable_state_dict(self):
         return _gathered_on_rank0(sharding.full_state_dict(self.sharded, trainable_only=True))
@@ -141,7 +142,7 @@ class Unsharded(TrainableModel):
         for p in self.parameters() if world > 1 else []:  # data parallel: average the gradients first
             dist.all_reduce(p.grad)
             p.grad /= world
-        return float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
     def trainable_state_dict(self):
         return _gathered_on_rank0({n: p.detach().float().cpu() for n, p in self.model.named_parameters()
@@ -152,7 +153,7 @@ class Fsdp2Sharded(Unsharded):
     """FSDP2: the parameters are DTensors sharded on dim 0; gradients are reduce-scattered in backward."""
 
     def clip_grad_norm_(self, max_norm):
-        return float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm).full_tensor())
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm).full_tensor()
 
     def trainable_state_dict(self):
         return _gathered_on_rank0({n: p.full_tensor().detach().float().cpu() for n, p in self.model.named_parameters()
