@@ -27,12 +27,12 @@ import llama
 import lora
 import nf4
 from llama.cli import Parser, integer, number, run_command
+from llama.pretrain import BUNDLED_MODEL
 
 from .device import device_peak_mib, reset_device_peak, resolve_device
 from .instruct.corpus import chat_prompt
 from .memory import peak_rss_bytes, reset_peak_rss
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,7 +111,7 @@ class Stream:
 
 def parse_args(argv=None):
     p = Parser(prog="python -m recipe.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--adapter", type=Path, help="PEFT-format adapter directory, loaded unmerged")
     p.add_argument("--quant", choices=("nf4", "none"), default="none")
     source = p.add_mutually_exclusive_group(required=True)
