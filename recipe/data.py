@@ -1,6 +1,7 @@
 """The fine-tuning corpus and a sampler that can stop and resume at the exact same batch.
 
-The default corpus is a different domain from the one the bundled model was pretrained on (Python
+The plain-text corpus (``--data pydoc``; the job's default is the bundled instruction set,
+``recipe.instruct``) is a different domain from the one the bundled model was pretrained on (Python
 source, ``llama/corpus.py``): the English documentation in the standard library's
 ``pydoc_data/topics.py`` -- the text ``help("if")`` prints -- found through ``sysconfig`` and read by
 importing the module and taking its ``topics`` dict (a plain dict literal; nothing is unpickled).
