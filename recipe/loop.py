@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from llama.training import mean_loss, warmup_cosine
 
-from . import checkpoint
+from . import checkpoint, profile
 from .data import Batch, Sampler
 from .device import all_mean, collective_device, device_peak_mib
 from .memory import peak_rss_bytes
@@ -91,12 +92,17 @@ def train_step(run: Run, config: LoopConfig, step: int) -> dict:
         group["lr"] = lr
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     for _ in range(config.grad_accum):
-        loss = batch_loss(run.model, run.sampler.next_batch().to(run.device))
-        (loss / config.grad_accum).backward()
+        with record_function("data"):  # the labels `recipe.profile` splits a step by
+            batch = run.sampler.next_batch().to(run.device)
+        with record_function("forward"):
+            loss = batch_loss(run.model, batch)
+        with record_function("backward"):
+            (loss / config.grad_accum).backward()
         loss_sum += loss.detach()  # a tensor: ``loss.item()`` here would wait for the GPU every micro-batch
-    grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": loss_sum / config.grad_accum, "grad_norm": grad_norm, "lr": lr}
 
 
@@ -156,6 +162,7 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
     t0, eval_loss, eval_seconds = time.perf_counter(), None, 0.0
     for step in range(start, config.steps):
         record = train_step(run, config, step)
+        profile.step_done()
         pending.append(record)
         last, save = step + 1 == config.steps, (step + 1) % config.save_every == 0 and step + 1 < config.steps
         if (step + 1) % config.eval_every == 0 or last:
