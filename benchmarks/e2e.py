@@ -95,7 +95,8 @@ def profile_table(out: Path) -> str:
              f"| {'part':<16} | {'ours':>10} | {'library':>10} |", f"|{'-' * 18}|{'-' * 12}|{'-' * 12}|"]
     for name, a, b in [*((n, ours["parts_ms"][n], lib["parts_ms"][n]) for n in PARTS),
                        ("idle: in flight", ours["in_flight_ms"], lib["in_flight_ms"]),
-                       ("step", ours["step_ms"], lib["step_ms"])]:
+                       ("step", ours["step_ms"], lib["step_ms"]),
+                       ("CPU time, step", ours["cpu_ms_per_step"], lib["cpu_ms_per_step"])]:
         lines.append(f"| {name:<16} | {a:>10.1f} | {b:>10.1f} |")
     return "\n".join(lines)
 

@@ -19,7 +19,8 @@ trace back and splits the mean recorded step, on the thread that ran it, into
 so the parts add up to the step time by construction. A collective that runs on another thread (gloo's
 async all-gather, overlapped with compute) costs the step only where the step's thread waits for it:
 "in flight" is the idle time inside forward and backward while one ran elsewhere. Rank 0 prints one
-table (a column per rank) and writes it as ``<out>/profile/summary.json``.
+table (a column per rank) and writes it as ``<out>/profile/summary.json``, with "CPU time": the median
+process CPU time (all threads) of the steps not recorded, a measure other jobs on the machine barely move.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import contextlib
 import json
 import os
 import re
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -37,20 +40,39 @@ LABELS = ("data", "forward", "backward", "optimizer")
 PARTS = ("compute", "gather", "reduce", "optimizer", "data", "idle")
 GATHER = re.compile(r"all_?gather|allgather", re.IGNORECASE)
 REDUCE = re.compile(r"reduce_?scatter|all_?reduce|allreduce", re.IGNORECASE)
+_cpu_stamps: list[list[float]] = []  # this process's CPU time at the start and after every step, while profiling
 _active: list[profile] = []
 
 
 def step_done() -> None:
     """Tell the running profiler (if any) that an optimizer step ended; free when not profiling."""
+    for stamps in _cpu_stamps:
+        stamps.append(time.process_time())
     for profiler in _active:
         profiler.step()
 
 
-def _schedule(steps: int):
-    """Skip step 0 and warm up on step 1 when the run is long enough; record up to three steps."""
+def _window(steps: int) -> tuple[int, int, int]:
+    """(skipped, first recorded, end): skip step 0 and warm up on step 1 when the run is long enough,
+    then record up to three steps."""
     skip = 1 if steps >= 3 else 0
-    warmup = 1 if steps - skip >= 2 else 0
-    return schedule(skip_first=skip, wait=0, warmup=warmup, active=max(1, min(3, steps - skip - warmup)), repeat=1)
+    first = skip + (1 if steps - skip >= 2 else 0)
+    return skip, first, first + max(1, min(3, steps - first))
+
+
+def _schedule(steps: int):
+    skip, first, end = _window(steps)
+    return schedule(skip_first=skip, wait=0, warmup=first - skip, active=end - first, repeat=1)
+
+
+def cpu_ms_per_step(stamps: list[float], steps: int) -> float:
+    """Median CPU time of this process (every thread) per step, from ``stamps``, leaving out the recorded
+    steps (the profiler's own work) when others remain. CPU time, unlike wall time, hardly changes when
+    other jobs share the machine."""
+    deltas = [b - a for a, b in zip(stamps, stamps[1:])]
+    _, first, end = _window(steps)
+    unrecorded = deltas[:first] + deltas[end:]
+    return 1000 * statistics.median(unrecorded or deltas) if deltas else 0.0
 
 
 @contextlib.contextmanager
@@ -69,14 +91,20 @@ def profiling(out: Path, steps: int, enabled: bool = True):
         profiler.export_chrome_trace(str(temporary))
         os.replace(temporary, trace)  # atomic: a reader never sees half a trace
 
-    profiler = profile(activities=activities, schedule=_schedule(steps), on_trace_ready=write)
+    profiler, stamps = profile(activities=activities, schedule=_schedule(steps), on_trace_ready=write), []
+    stamps.append(time.process_time())
     with profiler:
         _active.append(profiler)
+        _cpu_stamps.append(stamps)
         try:
             yield
         finally:
             _active.remove(profiler)
-    report(folder, summarize(trace) if trace.exists() else None)
+            _cpu_stamps.remove(stamps)
+    summary = summarize(trace) if trace.exists() else None
+    if summary is not None:
+        summary["cpu_ms_per_step"] = cpu_ms_per_step(stamps, steps)
+    report(folder, summary)
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -153,14 +181,15 @@ def format_table(summaries: list[dict | None]) -> str:
     """One screen: a row per part, a column per rank (ms per step and its share)."""
     head = "part        " + "".join(f"{'rank ' + str(r):>20}" for r in range(len(summaries)))
     rows = [head]
-    for name in (*PARTS, " in flight", "step"):
+    for name in (*PARTS, " in flight", "step", "CPU time"):
         cells = []
         for s in summaries:
             if s is None:
                 cells.append(f"{'-':>20}")
                 continue
-            ms = s["step_ms"] if name == "step" else s["in_flight_ms"] if name == " in flight" else s["parts_ms"][name]
-            cells.append(f"{ms:>11.1f} ms {100 * ms / s['step_ms']:>4.0f}%")
+            special = {"step": "step_ms", " in flight": "in_flight_ms", "CPU time": "cpu_ms_per_step"}
+            ms = s[special[name]] if name in special else s["parts_ms"][name]
+            cells.append(f"{ms:>11.1f} ms {100 * ms / s['step_ms']:>4.0f}%" if name != "CPU time" else f"{ms:>11.1f} ms {'':>5}")
         rows.append(f"{name:<12}" + "".join(cells))
     return "\n".join(rows)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from distributed import run_on_ranks
-from recipe.profile import PARTS, summarize
+from recipe.profile import PARTS, cpu_ms_per_step, summarize
 from test_recipe_train import FAST, _train_one
 
 
@@ -37,6 +37,12 @@ def test_a_handmade_trace_is_split_by_label_and_collective_name(tmp_path):
     assert s["in_flight_ms"] == pytest.approx(0.1)  # forward's gap 290..400 overlaps the gather 290..390
 
 
+def test_cpu_time_per_step_leaves_out_the_recorded_steps():
+    stamps = [0.0, 1.0, 2.0, 12.0, 22.0, 32.0, 33.0, 34.0]  # 7 steps; steps 2-4 recorded (10 s each)
+    assert cpu_ms_per_step(stamps, 7) == 1000.0
+    assert cpu_ms_per_step([0.0, 5.0], 1) == 5000.0  # only the recorded step: it is all there is
+
+
 def test_a_trace_without_steps_is_refused_by_name(tmp_path):
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": [event("aten::mm", 0, 5)]}))
@@ -60,6 +66,7 @@ def test_profile_writes_a_trace_per_rank_and_a_summary_whose_parts_sum_to_the_st
         assert sum(s["parts_ms"].values()) == pytest.approx(s["step_ms"])
         assert s["parts_ms"]["compute"] > 0 and 0 <= s["in_flight_ms"] <= s["parts_ms"]["idle"] + 1e-9
         assert s["parts_ms"]["gather"] > 0  # ours shards by default and gathers each unit before it runs
+        assert s["cpu_ms_per_step"] > 0
 
 
 def test_without_profile_no_trace_is_written(tiny_model, tmp_path):
