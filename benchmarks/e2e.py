@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llama.cli import Parser, fail, integer, number, run_command
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"steps": 2, "seq_len": 32, "batch_size": 2, "eval_batches": 1}
 
@@ -33,26 +35,28 @@ QUICK = {"steps": 2, "seq_len": 32, "batch_size": 2, "eval_batches": 1}
 def torchrun(ranks: int, module: str, flags: list[str]) -> None:
     """``python -m <module> flags`` on ``ranks`` processes, from the repository root."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                    "-m", module, *flags], check=True, cwd=ROOT, env=env)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(ranks), "-m", module, *flags], cwd=ROOT, env=env)
+    if done.returncode:
+        fail(f"{module} failed with exit status {done.returncode} (its output is above)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from recipe.build import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=integer(minimum=1), default=60)
+    p.add_argument("--seq-len", type=integer(minimum=2), default=128)
+    p.add_argument("--batch-size", type=integer(minimum=1), default=4)
+    p.add_argument("--rank", type=integer(minimum=1), default=8)
+    p.add_argument("--alpha", type=number(above=0), default=16.0)
+    p.add_argument("--lr", type=number(above=0), default=3e-3)
+    p.add_argument("--eval-batches", type=integer(minimum=1), default=8)
+    p.add_argument("--seed", type=integer(minimum=0), default=0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: recipe.train's default")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="as recipe.train's --device")
-    p.add_argument("--ranks", type=int, default=2, help="processes (on CUDA: at most one per GPU)")
+    p.add_argument("--ranks", type=integer(minimum=1), default=2, help="processes (on CUDA: at most one per GPU)")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true", help="both sides run with recipe.train's --profile; "
                    "prints where a step's time goes, side by side")
@@ -60,8 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
-    if args.ranks < 1:
-        p.error(f"--ranks must be at least 1, got {args.ranks}")
     return args
 
 
@@ -109,8 +111,7 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     device = resolve_device(args.device, per_node=args.ranks)  # the device each of the ranks will take
     if device.type == "cuda" and args.ranks > torch.cuda.device_count():
-        raise SystemExit(f"error: --ranks {args.ranks} on CUDA needs a GPU per rank; "
-                         f"{torch.cuda.device_count()} visible")
+        fail(f"--ranks {args.ranks} on CUDA needs a GPU per rank; {torch.cuda.device_count()} visible")
     args.dtype = args.dtype or default_dtype(device)
     shared = ["--model", args.model, "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size",
               str(args.batch_size), "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
@@ -129,4 +130,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from llama.cli import run_command
 from recipe.build import BuildOptions, Built
 from recipe.device import device_peak_mib, init_distributed, reset_device_peak, resolve_device
 from recipe.job import run_job
@@ -73,4 +74,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import lora
+from llama.cli import Parser, integer, run_command
 from recipe.twins.bnb_linear import bnb_linear4bit
 
 from . import timed
@@ -85,30 +86,24 @@ def forward_backward(module, x, grad_out) -> tuple[float, float]:
     return elapsed, cpu
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=positive_int, default=2048)
-    parser.add_argument("--features", type=positive_int, default=4096, help="a multiple of 64 (the NF4 block)")
-    parser.add_argument("--rank", type=positive_int, default=16)
-    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser = Parser(prog="python -m benchmarks.lora", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=integer(minimum=1), default=2048)
+    parser.add_argument("--features", type=integer(minimum=1), default=4096, help="a multiple of 64 (the NF4 block)")
+    parser.add_argument("--rank", type=integer(minimum=1), default=16)
+    parser.add_argument("--repeats", type=integer(minimum=1), default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=integer(minimum=1), default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="64 tokens, 256 features, rank 4, 2 repeats")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.features, args.rank, args.repeats = 64, 256, 4, 2
     if args.features % 64:
-        parser.error(f"--features must be a multiple of 64 (the NF4 block size), got {args.features}")
+        parser.error(f"argument --features: expected a multiple of 64 (the NF4 block size), got {args.features}")
     if args.rank > args.features:
-        parser.error(f"--rank must be <= --features ({args.features}), got {args.rank}")
+        parser.error(f"argument --rank: expected at most --features ({args.features}), got {args.rank}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU visible to torch")
+        parser.error("argument --device: cuda, but no CUDA GPU is visible to torch")
     return args
 
 
@@ -189,4 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

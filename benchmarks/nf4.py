@@ -17,13 +17,13 @@ mean squared error on N(0, 1) data for NF4, bitsandbytes' FP4 and the Int4 absma
 bits per parameter with double quantization (target 4 + 8/64 + 32/16384 = 4.127).
 The CUDA branch is written but not yet run on a GPU.
 """
-import argparse
 import statistics
 import time
 
 import torch
 
 import nf4
+from llama.cli import Parser, fail, integer, run_command
 from nf4.int4_baseline import int4_absmax_roundtrip
 
 from . import timed
@@ -31,7 +31,7 @@ from . import timed
 try:
     import bitsandbytes as bnb
 except ImportError:
-    raise SystemExit("benchmarks/nf4.py compares with bitsandbytes: pip install -e '.[compare]'")
+    fail("benchmarks.nf4 compares with bitsandbytes: pip install -e '.[compare]'")
 
 TARGET_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
@@ -142,22 +142,15 @@ def fmt(v):
     return f"{v:.4g}" if abs(v) < 1 else (f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m benchmarks.nf4", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=integer(minimum=1), default=5)
+    parser.add_argument("--threads", type=integer(minimum=1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the table, not the speed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU visible to torch")
+        parser.error("argument --device: cuda, but no CUDA GPU is visible to torch")
     if args.threads:
         torch.set_num_threads(args.threads)
     shape, repeats, numel = ((256, 1024), 1, 1 << 16) if args.quick else ((4096, 14336), args.repeats, 1 << 22)
@@ -176,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -16,13 +16,13 @@ layer of hidden 32, 16 examples in batches of 4), fp32, on the CPU. Time: ``--re
 warm-up, the variants interleaved in each repeat; the fastest is shown. Tokens per second count the
 examples' real tokens only; padding is the share of token slots that hold no example token.
 """
-import argparse
 import random
 from pathlib import Path
 
 import torch
 
 import llama
+from llama.cli import Parser, integer, run_command
 from llama.pretrain import BUNDLED_MODEL
 from recipe.instruct.batching import batches
 from recipe.instruct.dataset import load_instruct
@@ -50,11 +50,11 @@ def train_pass(model, batch_list) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = Parser(prog="python -m benchmarks.packing", description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=integer(minimum=1), default=256)
+    parser.add_argument("--batch-size", type=integer(minimum=1), default=8)
+    parser.add_argument("--seq-len", type=integer(minimum=2), default=256)
+    parser.add_argument("--repeats", type=integer(minimum=1), default=3)
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="config.json's shape")
     parser.add_argument("--quick", action="store_true", help="1 layer of hidden 32, 16 examples, batch 4, 1 repeat")
     args = parser.parse_args(argv)
@@ -92,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -28,6 +28,7 @@ import torch
 
 import llama
 import nf4
+from llama.cli import Parser, integer, run_command
 from llama.corpus import stdlib_tokens, windows as heldout_windows
 from llama.pretrain import BUNDLED_MODEL, evaluate
 from nf4.int4_baseline import int4_absmax_roundtrip
@@ -78,15 +79,14 @@ def heldout_losses(model_dir: Path, windows: torch.Tensor, formats=FORMATS) -> d
 
 
 def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m benchmarks.quant_quality", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
-    parser.add_argument("--windows", type=int, default=256, help="held-out windows of max_position_embeddings bytes")
+    parser.add_argument("--windows", type=integer(minimum=1), default=256, help="held-out windows of max_position_embeddings bytes")
     parser.add_argument("--quick", action="store_true", help="8 windows: checks the table in seconds")
     args = parser.parse_args(argv)
-    if args.windows < 1:
-        parser.error(f"--windows must be a positive integer, got {args.windows}")
     if not (args.model / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json there (a Hugging Face Llama directory is expected)")
+        parser.error(f"argument --model: no config.json in {args.model} (a Hugging Face Llama directory is expected)")
     if args.quick:
         args.windows = 8
     torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and far faster on a busy shared CPU
@@ -104,4 +104,4 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

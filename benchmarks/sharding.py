@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import llama
+from llama.cli import Parser, integer, run_command
 import sharding
 from recipe.device import init_distributed, resolve_device
 
@@ -152,13 +153,6 @@ def run(config, args, device, rank, world):
             "optimizer": held_bytes(state), "total": total}
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 CONFIGS = {"ours": "(a) ours, prefetch", "fsdp2": "(b) FSDP2, forward prefetch set",
            "ours_no_prefetch": "(a') ours, no prefetch", "fsdp2_default": "(b') FSDP2 default",
            "none": "(c) no sharding"}
@@ -187,22 +181,22 @@ def print_table(results, args, world, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=positive, default=8)
-    parser.add_argument("--dim", type=positive, default=512)
-    parser.add_argument("--heads", type=positive, default=8)
-    parser.add_argument("--vocab", type=positive, default=4096)
-    parser.add_argument("--seq", type=positive, default=64)
-    parser.add_argument("--batch", type=positive, default=2, help="sequences per rank per step")
-    parser.add_argument("--steps", type=positive, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=positive, default=2, help="repeat all configs; keep each one's fastest")
+    parser = Parser(prog="python -m benchmarks.sharding", description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=integer(minimum=1), default=8)
+    parser.add_argument("--dim", type=integer(minimum=1), default=512)
+    parser.add_argument("--heads", type=integer(minimum=1), default=8)
+    parser.add_argument("--vocab", type=integer(minimum=1), default=4096)
+    parser.add_argument("--seq", type=integer(minimum=1), default=64)
+    parser.add_argument("--batch", type=integer(minimum=1), default=2, help="sequences per rank per step")
+    parser.add_argument("--steps", type=integer(minimum=1), default=4)
+    parser.add_argument("--warmup", type=integer(minimum=0), default=1)
+    parser.add_argument("--rounds", type=integer(minimum=1), default=2, help="repeat all configs; keep each one's fastest")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: seconds (for CI)")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.dim, args.heads, args.vocab, args.seq, args.steps, args.rounds = 2, 64, 4, 256, 16, 2, 1
-    if args.dim % args.heads:
-        parser.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        parser.error(f"argument --dim: expected a multiple of 2 x --heads ({2 * args.heads}: even head width), got {args.dim}")
 
     device = resolve_device("auto")
     init_distributed(device)
@@ -222,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import Parser, integer, number, progress, run_command
 from .config import LlamaConfig
 from .corpus import batches, stdlib_tokens, windows
 from .model import Llama
@@ -55,24 +55,34 @@ def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
     return float(-log_p[heldout.long()].mean())
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, each checked against its domain while parsing (``llama.cli``)."""
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-windows", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads; fixed so reruns give the same bytes")
+    parser.add_argument("--seed", type=integer(minimum=0), default=0)
+    parser.add_argument("--steps", type=integer(minimum=1), default=600)
+    parser.add_argument("--batch-size", type=integer(minimum=1), default=16)
+    parser.add_argument("--seq-len", type=integer(minimum=2), default=256)
+    parser.add_argument("--lr", type=number(above=0), default=3e-3)
+    parser.add_argument("--warmup", type=integer(minimum=1), default=50)
+    parser.add_argument("--eval-every", type=integer(minimum=1), default=100)
+    parser.add_argument("--eval-windows", type=integer(minimum=1), default=256)
+    parser.add_argument("--hidden", type=integer(minimum=1), default=256)
+    parser.add_argument("--layers", type=integer(minimum=1), default=6)
+    parser.add_argument("--heads", type=integer(minimum=1), default=8)
+    parser.add_argument("--kv-heads", type=integer(minimum=1), default=2)
+    parser.add_argument("--intermediate", type=integer(minimum=1), default=688)
+    parser.add_argument("--threads", type=integer(minimum=1), default=1, help="CPU threads; fixed so reruns give the same bytes")
     args = parser.parse_args(argv)
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        parser.error(f"argument --hidden: expected a multiple of 2 x --heads ({2 * args.heads}: even head width), got {args.hidden}")
+    if args.heads % args.kv_heads:
+        parser.error(f"argument --kv-heads: expected a divisor of --heads ({args.heads}), got {args.kv_heads}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
@@ -89,8 +99,8 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(args.seed)
     curve = []
-    bar = tqdm(range(args.steps), desc="pretrain")
-    for step in bar:
+    bar = progress(args.steps, desc="pretrain")
+    for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, args.steps, args.lr, args.warmup)
         x = batches(train, args.batch_size, args.seq_len, generator)
@@ -102,6 +112,8 @@ def main(argv=None) -> dict:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": evaluate(model, eval_windows)})
             bar.set_postfix(train=f"{loss.item():.3f}", heldout=f"{curve[-1]['heldout_loss']:.3f}")
+        bar.update(1)
+    bar.close()
 
     save_checkpoint(model, args.out, dtype=torch.bfloat16)
     final = evaluate(load_checkpoint(None, args.out).float(), eval_windows)  # bundled bf16 weights, fp32 math
@@ -116,4 +128,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -32,9 +32,9 @@ import llama
 import lora
 import nf4
 from llama.checkpoint import stream_order
+from llama.cli import Parser, run_command
 from llama.hf_writer import StreamingWriter, atomic_directory
 
-from .cli_errors import Parser, run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -126,7 +126,6 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--quant", choices=("nf4", "none"), default="none",
                    help="nf4: the adapter was trained over an NF4 base; merge into the dequantized NF4 base")
-    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = p.parse_args(argv)
     max_shard_bytes = parse_size(args.max_shard_size)
     return export(args.model, args.adapter, args.out, DTYPES[args.dtype], max_shard_bytes, args.quant,
@@ -134,4 +133,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_command(main)

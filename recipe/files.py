@@ -29,6 +29,14 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to the disk (before the rename that publishes it)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 

@@ -24,8 +24,8 @@ import torch
 import llama
 import lora
 import nf4
+from llama.cli import Parser, integer, number, run_command
 
-from .cli_errors import Parser, positive, run
 from .device import device_peak_mib, reset_device_peak, resolve_device
 from .memory import peak_rss_bytes, reset_peak_rss
 
@@ -114,14 +114,14 @@ def parse_args(argv=None):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (its completion is streamed)")
     source.add_argument("--prompts", help="a file, one prompt per line (one left-padded batch)")
-    p.add_argument("--max-new-tokens", type=positive(int), default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass")
-    p.add_argument("--top-k", type=positive(int))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=integer(minimum=1), default=64)
+    p.add_argument("--temperature", type=number(minimum=0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=number(above=0, maximum=1),
+                   help="nucleus sampling: keep the most likely tokens up to this mass")
+    p.add_argument("--top-k", type=integer(minimum=1))
+    p.add_argument("--seed", type=integer(minimum=0), default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p.parse_args(argv)
 
 
@@ -160,4 +160,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_command(main)

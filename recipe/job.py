@@ -17,9 +17,10 @@ import torch.distributed as dist
 import llama
 
 from . import checkpoint, data
-from .adapter import base_shape, save_trained_adapter
+from .adapter import save_trained_adapter
 from .build import BuildOptions, Built, build
 from .device import device_peak_mib, memory_budget, release_cached_blocks, reset_device_peak
+from .fingerprint import of_job
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import ALL_LINEAR, GiB, Setup, plan
@@ -49,12 +50,8 @@ class JobConfig:
     profile: bool = False               # trace a few steps per rank and summarize them (recipe/profile.py)
 
     def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
-        """The settings a checkpoint must share with the run that resumes it."""
-        b, loop = self.build, self.loop
-        return {"quant": b.quant, "lora": b.lora, "shard": b.shard, "rank": b.rank, "alpha": b.alpha,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": loop.grad_accum,
-                "steps": loop.steps, "lr": loop.lr, "seed": b.seed, "target_modules": ",".join(b.target_modules),
-                "dtype": dtype_name(b.compute_dtype), "base": base_shape(model_config)}
+        """The settings a checkpoint must share with the run that resumes it (``recipe.fingerprint``)."""
+        return of_job(self, model_config)
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from llama.cli import progress
 from llama.training import mean_loss, warmup_cosine
 
 from . import checkpoint, profile
@@ -126,16 +127,14 @@ def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:
 def _progress_bar(run: Run, config: LoopConfig, start: int):
     if run.rank != 0 or not config.progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True)
+    return progress(total=config.steps, initial=start, desc="train")  # plain lines when not on a terminal
 
 
 def _show(bar, record: dict) -> None:
     if bar is not None:
-        bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         mem=f"{record.get('peak_device_mib', record['peak_rss_mib']):.0f}M")
+        bar.update(1)
 
 
 def log_records(run: Run, config: LoopConfig, records: list[dict], bar, on_step: StepCallback | None) -> None:

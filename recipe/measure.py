@@ -16,7 +16,6 @@ With ``--device cuda`` (one rank per GPU) the overall measured peak is the GPU's
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from llama import PRESETS
+from llama.cli import Parser, fail, integer, run_command
 
 from .build import DEFAULT_MODEL
 from .plan import ALL_LINEAR, GiB, Setup, plan
@@ -59,7 +61,9 @@ def run(model_dir: Path, out: Path, args) -> dict:
                "--tokenizer", "byte", "--dtype", args.dtype, "--device", args.device]
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if done.returncode:
+        fail(f"the measured run failed with exit status {done.returncode} (its output is above)")
     summary = json.loads((out / "summary.json").read_text())
     for rank, record in enumerate(summary["ranks"]):
         record["phases"] = json.loads((out / f"phase_peaks_rank{rank}.json").read_text())
@@ -88,22 +92,27 @@ def compare(planned, measured_phases: dict) -> tuple[list[str], dict]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m recipe.measure", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m recipe.measure", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default=None, help="e.g. llama-2-70b (random weights); default: --model")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled tiny-llama)")
     p.add_argument("--quant", choices=("nf4", "none"), default="nf4")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--layers", type=integer(minimum=1), default=1)
+    p.add_argument("--nproc", type=integer(minimum=1), default=2)
+    p.add_argument("--steps", type=integer(minimum=1), default=3)
+    p.add_argument("--seq-len", type=integer(minimum=2), default=128)
+    p.add_argument("--batch-size", type=integer(minimum=1), default=2)
+    p.add_argument("--rank", type=integer(minimum=1), default=8)
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=integer(minimum=1), default=1)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: measure the GPU's peak")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
+    if args.preset is not None and args.preset not in PRESETS:
+        p.error(f"argument --preset: expected one of {sorted(PRESETS)}, got {args.preset!r}")
+    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        p.error(f"argument --device: cuda needs a GPU per rank (--nproc {args.nproc}), "
+                f"this machine has {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory(prefix="home70b-measure-") as tmp:
         model_dir = args.model if args.preset is None else random_checkpoint(args.preset, args.layers, Path(tmp) / "model")
         summary = run(Path(model_dir), Path(tmp) / "run", args)
@@ -134,4 +143,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

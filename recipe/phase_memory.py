@@ -29,7 +29,6 @@ thread: with several torch threads, nf4's CPU dequantize scratch in its worker t
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +36,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from torch.utils._pytree import tree_flatten
+
+from llama.cli import run_command
 
 from .memory import TensorMemory
 
@@ -198,4 +199,4 @@ def train_with_phase_memory(argv) -> dict:
 
 
 if __name__ == "__main__":
-    train_with_phase_memory(sys.argv[1:])
+    run_command(train_with_phase_memory)

@@ -11,40 +11,22 @@ A user error (unknown preset, bad flag value) is one line ``error: ...`` on stde
 from __future__ import annotations
 
 import argparse
-import sys
+
+from llama.cli import Parser, integer, number, run_command
 
 from .plan import ALL_LINEAR, GiB, Plan, Setup, plan
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from .timemodel import GPUS
 
-    p = OneLineParser(prog="python -m recipe.plan", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m recipe.plan", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", default="llama-2-70b", help="preset name, config.json or checkpoint dir")
-    p.add_argument("--world-size", type=positive(int), default=2)
-    p.add_argument("--gpu-gib", type=positive(float), default=24.0, help="memory budget per rank")
-    p.add_argument("--batch-size", type=positive(int), default=2)
-    p.add_argument("--seq-len", type=positive(int), default=2048)
-    p.add_argument("--rank", type=positive(int), default=64)
+    p.add_argument("--world-size", type=integer(minimum=1), default=2)
+    p.add_argument("--gpu-gib", type=number(above=0), default=24.0, help="memory budget per rank")
+    p.add_argument("--batch-size", type=integer(minimum=1), default=2)
+    p.add_argument("--seq-len", type=integer(minimum=1), default=2048)
+    p.add_argument("--rank", type=integer(minimum=1), default=64)
     p.add_argument("--target-modules", default=",".join(ALL_LINEAR))
     p.add_argument("--dora", action="store_true")
     p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
@@ -54,11 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu", choices=sorted(GPUS), help="predict the step time on this GPU (datasheet rates)")
     p.add_argument("--cpu", action="store_true", help="predict the step time on this machine (measured rates)")
     p.add_argument("--published", action="store_true", help="predicted vs published s/step of the reference 70B runs (their setup, not these flags)")
-    p.add_argument("--nodes", type=positive(int), default=None, help="compare full vs hybrid sharding on N nodes")
-    p.add_argument("--gpus-per-node", type=positive(int), default=None)
-    p.add_argument("--intra-gbs", type=positive(float), default=25.0, help="GB/s between GPUs of a node")
-    p.add_argument("--inter-gbs", type=positive(float), default=12.5, help="GB/s of a node's network link")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--nodes", type=integer(minimum=1), default=None, help="compare full vs hybrid sharding on N nodes")
+    p.add_argument("--gpus-per-node", type=integer(minimum=1), default=None)
+    p.add_argument("--intra-gbs", type=number(above=0), default=25.0, help="GB/s between GPUs of a node")
+    p.add_argument("--inter-gbs", type=number(above=0), default=12.5, help="GB/s of a node's network link")
     return p.parse_args(argv)
 
 
@@ -90,15 +71,8 @@ def run(args) -> Plan:
 
 
 def main(argv=None) -> Plan:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+    """The plan of ``argv``; a user error is one ``error:`` line and exit status 2 (``llama.cli``)."""
+    return run_command(lambda argv: run(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from llama.cli import Parser, integer, number, run_command
 
 from .build import CHOICES, DEFAULT_MODEL, BuildOptions
 from .device import DEVICES, default_dtype, init_distributed, resolve_device
@@ -34,28 +35,29 @@ from .plan import ALL_LINEAR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m recipe.train", description=__doc__.split("\n")[0])
+    """The flags, each numeric one checked against its domain while parsing (before any model loads)."""
+    p = Parser(prog="torchrun --nproc_per_node N -m recipe.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled tiny-llama)")
     p.add_argument("--data", default=None, help="text file or directory (default: pydoc topics)")
     p.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
                    help="byte: the byte tokenizer for any base with vocab >= 258 (e.g. random-weight test models)")
     for name, choices in CHOICES.items():
         p.add_argument(f"--{name}", choices=choices, default=choices[0])
-    p.add_argument("--shard-size", type=int, default=None,
+    p.add_argument("--shard-size", type=integer(minimum=1), default=None,
                    help="--shard hybrid / fsdp2-hybrid: ranks per shard group (default: the ranks of one node, "
                         "torchrun's LOCAL_WORLD_SIZE); the groups are replicated across nodes")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--rank", type=integer(minimum=1), default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=number(above=0), default=16.0)
+    p.add_argument("--dropout", type=number(minimum=0, below=1), default=0.0)
     p.add_argument("--dora", action="store_true")
-    p.add_argument("--target-modules", default=",".join(ALL_LINEAR))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--target-modules", type=module_names, default=",".join(ALL_LINEAR))
+    p.add_argument("--seq-len", type=integer(minimum=2), default=128, help="tokens per window (>= 2: one prediction)")
+    p.add_argument("--batch-size", type=integer(minimum=1), default=4, help="sequences per rank per micro-batch")
+    p.add_argument("--grad-accum", type=integer(minimum=1), default=1)
+    p.add_argument("--steps", type=integer(minimum=1), default=300)
+    p.add_argument("--lr", type=number(above=0), default=3e-3)
+    p.add_argument("--warmup", type=integer(minimum=1), default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--max-grad-norm", type=number(above=0), default=1.0)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--device", choices=DEVICES, default="auto",
@@ -63,19 +65,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "else the CPU with gloo")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype (default: bf16 on CUDA or a CPU with native bf16 matmuls, else fp32)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--eval-every", type=integer(minimum=1), default=100)
+    p.add_argument("--eval-batches", type=integer(minimum=1), default=8)
+    p.add_argument("--save-every", type=integer(minimum=1), default=100)
     p.add_argument("--out", default="runs/default")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-gib", type=float, default=None, help="memory per rank for the plan check")
+    p.add_argument("--seed", type=integer(minimum=0), default=0)
+    p.add_argument("--memory-gib", type=number(above=0), default=None, help="memory per rank for the plan check")
     p.add_argument("--track-memory", action="store_true", help="count live tensor bytes (slower)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="Chrome trace of a few steps per rank in <out>/profile, and where a step's time goes")
-    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p.parse_args(argv)
+
+
+def module_names(text: str) -> tuple[str, ...]:
+    """``--target-modules``: comma-separated module names, none empty."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+    return names
 
 
 def job_config(args: argparse.Namespace, device: torch.device = torch.device("cpu")) -> JobConfig:
@@ -83,7 +92,7 @@ def job_config(args: argparse.Namespace, device: torch.device = torch.device("cp
     build = BuildOptions(model=args.model, quant=args.quant, lora=args.lora, shard=args.shard,
                          shard_size=args.shard_size, rank=args.rank,
                          alpha=args.alpha, dropout=args.dropout, dora=args.dora,
-                         target_modules=tuple(args.target_modules.split(",")),
+                         target_modules=args.target_modules,
                          compute_dtype=DTYPES[args.dtype or default_dtype(device)], offload=args.offload,
                          seed=args.seed, device=device)
     loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
@@ -107,23 +116,17 @@ def main(argv=None, on_step: StepCallback | None = None) -> dict:
 
 
 def cli(argv=None, on_step: StepCallback | None = None) -> None:
-    """`main` as a command: a user error is one ``error:`` line and exit status 2; the process group is
-    closed at the end either way."""
-    args = parse_args(argv)
+    """`main` as a command (``llama.cli.run_command``: a user error is one ``error:`` line from rank 0 and
+    exit status 2); the process group is closed at the end either way."""
     try:
-        run(args, on_step)
-    except (ValueError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        run_command(lambda argv: main(argv, on_step), argv)
     finally:
         # The sharded model's hooks hold it in reference cycles, and with it the process group and the
         # handles of finished async all-gathers. Collect them now, while torch.distributed is whole: left
         # to interpreter shutdown, a rank aborted ("terminate called without an active exception") in
         # about 1 run in 4 on a loaded CPU. Then close the group, as torch.distributed asks.
-        gc.collect()
         if dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -58,7 +58,8 @@ def _caller() -> str:
         private = "/torch/_" in frame.filename or "/_python_dispatch" in frame.filename
         if frame.filename != __file__ and not private:
             path = Path(frame.filename)
-            where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"{path.parent.name}/{path.name}"
+            ours = path.is_relative_to(ROOT) and "site-packages" not in path.parts  # a venv may sit in the checkout
+            where = str(path.relative_to(ROOT)) if ours else f"{path.parent.name}/{path.name}"
             return f"{where}:{frame.name}"
     return "?"
 

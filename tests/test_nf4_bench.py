@@ -49,7 +49,7 @@ def test_nf4_benchmark_quick_prints_both_sides():
 
 def test_nf4_benchmark_bad_flag_is_one_line_error():
     result = run_module("benchmarks.nf4", "--repeats", "0", timeout=300)
-    assert result.returncode == 2 and "error: argument --repeats: must be a positive integer" in result.stderr
+    assert result.returncode == 2 and "error: argument --repeats: expected an integer >= 1, got '0'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -65,5 +65,5 @@ def test_quant_quality_quick_prints_ours_and_bitsandbytes():
 
 def test_quant_quality_bad_windows_is_one_line_error():
     result = run_module("benchmarks.quant_quality", "--windows", "0", timeout=300)
-    assert result.returncode == 2 and "error: --windows must be a positive integer" in result.stderr
+    assert result.returncode == 2 and "error: argument --windows: expected an integer >= 1, got '0'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ from test_recipe_generate import random_adapter
 import llama
 from recipe import export as cli
 from recipe import generate
-from recipe.cli_errors import run
+from llama.cli import run_command as run
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(5))
 

@@ -8,7 +8,7 @@ import llama
 from llama.pretrain import BUNDLED_MODEL
 import lora
 from recipe import generate as cli
-from recipe.cli_errors import run
+from llama.cli import run_command as run
 
 BUNDLED = str(BUNDLED_MODEL)
 
@@ -83,12 +83,12 @@ def test_cli_batch_from_a_file_with_nf4_and_an_adapter(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: expected a positive int"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got '0'"),
     (["--prompt", "x", "--top-k", "two"], "--top-k"),
     (["--prompt", "x", "--quant", "int3"], "--quant"),
     (["--max-new-tokens", "3"], "--prompt"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature must be"),
-    (["--prompt", "x", "--top-p", "2"], "top_p must be"),
+    (["--prompt", "x", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["--prompt", "x", "--top-p", "2"], "argument --top-p: expected a finite number > 0 and <= 1, got '2'"),
     (["--prompt", "x", "--model", "/no/such/dir"], "no Llama config"),
     (["--prompts", "/no/such/file"], "--prompts /no/such/file: no such file"),
     (["--prompt", "x", "--adapter", "/no/such/adapter"], "adapter_config.json"),

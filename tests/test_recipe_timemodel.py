@@ -89,8 +89,8 @@ def test_microbenchmark_measures_positive_rates():
 
 @pytest.mark.parametrize("argv, message", [
     (["llama-9"], "error: unknown preset 'llama-9'"),
-    (["--world-size", "0"], "error: argument --world-size: must be > 0, got 0"),
-    (["--intra-gbs", "fast"], "error: argument --intra-gbs: expected a float, got 'fast'"),
+    (["--world-size", "0"], "error: argument --world-size: expected an integer >= 1, got '0'"),
+    (["--intra-gbs", "fast"], "error: argument --intra-gbs: expected a finite number > 0, got 'fast'"),
     (["--gpu", "rtx9090"], "error: argument --gpu: invalid choice"),
     (["--target-modules", "qkv"], "error: target_modules must be a non-empty subset"),
 ])

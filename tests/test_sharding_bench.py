@@ -31,5 +31,5 @@ def test_quick_mode_prints_the_table_with_both_sides():
 def test_a_bad_flag_is_one_line_error_and_status_2():
     run = subprocess.run([sys.executable, "-m", "benchmarks.sharding", "--layers", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "error: argument --layers: must be a positive integer, got 0" in run.stderr
+    assert run.returncode == 2 and "error: argument --layers: expected an integer >= 1, got '0'" in run.stderr
     assert "Traceback" not in run.stderr
