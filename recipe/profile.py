@@ -77,8 +77,9 @@ def cpu_ms_per_step(stamps: list[float], steps: int) -> float:
 
 @contextlib.contextmanager
 def profiling(out: Path, steps: int, enabled: bool = True):
-    """Profile the training steps run inside (see the module docstring); a no-op when not ``enabled``."""
-    if not enabled:
+    """Profile the ``steps`` training steps run inside (see the module docstring); a no-op when not
+    ``enabled`` or when no step is left to run (a run resumed at its end)."""
+    if not enabled or steps < 1:
         yield
         return
     rank, folder = dist.get_rank(), Path(out) / "profile"
@@ -181,15 +182,16 @@ def format_table(summaries: list[dict | None]) -> str:
     """One screen: a row per part, a column per rank (ms per step and its share)."""
     head = "part        " + "".join(f"{'rank ' + str(r):>20}" for r in range(len(summaries)))
     rows = [head]
+    special = {"step": "step_ms", " in flight": "in_flight_ms", "CPU time": "cpu_ms_per_step"}
     for name in (*PARTS, " in flight", "step", "CPU time"):
         cells = []
         for s in summaries:
             if s is None:
                 cells.append(f"{'-':>20}")
                 continue
-            special = {"step": "step_ms", " in flight": "in_flight_ms", "CPU time": "cpu_ms_per_step"}
             ms = s[special[name]] if name in special else s["parts_ms"][name]
-            cells.append(f"{ms:>11.1f} ms {100 * ms / s['step_ms']:>4.0f}%" if name != "CPU time" else f"{ms:>11.1f} ms {'':>5}")
+            share = f"{100 * ms / s['step_ms']:>4.0f}%" if name != "CPU time" else ""  # CPU time is no part of the step
+            cells.append(f"{ms:>11.1f} ms {share:>5}")
         rows.append(f"{name:<12}" + "".join(cells))
     return "\n".join(rows)
 
