@@ -8,7 +8,9 @@
 (a) ours     ``torchrun -m recipe.train``: nf4.Linear4bit + lora.LoRALinear + sharding.shard_model
 (b) library  ``torchrun -m benchmarks.e2e_library``: transformers ``LlamaForCausalLM`` loaded 4-bit by
              bitsandbytes, PEFT ``get_peft_model``, PyTorch FSDP2 ``fully_shard``
-Both run the recipe's job (``recipe.job.run_job``) on the bundled tiny-llama and the pydoc-topics corpus:
+Both run the recipe's job (``recipe.job.run_job``) on the bundled tiny-llama and the same data (``--data``,
+default the pydoc topics as plain text; ``--data FILE.jsonl`` with ``--heldout``, ``--template`` and
+``--packing/--no-packing`` passed to both sides):
 the same sampler (same batches), LoRA initialisation, AdamW, warmup + cosine, clipping at 1.0 and
 evaluation; only the model stack differs. Each runs in its own ``torchrun`` so the memory numbers do not
 mix. Per rank: tokens/s of the training steps, peak RSS while training (glibc told to return freed blocks
@@ -46,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = Parser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--data", default="pydoc", help="as recipe.train's --data (default: the pydoc topics)")
+    p.add_argument("--heldout", default=None, help="as recipe.train's --heldout")
+    p.add_argument("--template", default="auto", help="as recipe.train's --template")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="as recipe.train's")
     p.add_argument("--steps", type=integer(minimum=1), default=60)
     p.add_argument("--seq-len", type=integer(minimum=2), default=128)
     p.add_argument("--batch-size", type=integer(minimum=1), default=4)
@@ -117,7 +123,9 @@ def main(argv=None) -> str:
               str(args.batch_size), "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
               "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--dtype", args.dtype,
               "--device", device.type, "--eval-every", str(args.steps), "--save-every", str(args.steps),
-              "--no-progress", *(["--profile"] if args.profile else [])]
+              "--no-progress", "--samples", "0", "--data", args.data, "--template", args.template,
+              "--packing" if args.packing else "--no-packing", *(["--heldout", args.heldout] if args.heldout else []),
+              *(["--profile"] if args.profile else [])]
     out = Path(args.out or tempfile.mkdtemp(prefix="home70b-e2e-"))
     for name, module in (("ours", "recipe.train"), ("library", "benchmarks.e2e_library")):
         torchrun(args.ranks, module, [*shared, "--out", str(out / name)])

@@ -24,11 +24,18 @@ from recipe.twins import adapter_key, reset_lora_init
 from recipe.twins.sharders import Fsdp2Sharded
 
 
+def hf_inputs(inputs: dict) -> dict:
+    """Our keyword arguments as transformers takes them: the (batch, q, kv) bool mask of packed or
+    padded rows (True = may attend) as a 4-D (batch, 1, q, kv) mask, which transformers uses as given."""
+    mask = inputs.get("attention_mask")
+    return inputs if mask is None or mask.dim() != 3 else {**inputs, "attention_mask": mask[:, None]}
+
+
 class HfFsdp2(Fsdp2Sharded):
     """A Hugging Face causal LM under FSDP2: its output object read as (logits, loss)."""
 
     def forward(self, input_ids, **inputs):
-        out = self.model(input_ids=input_ids, **inputs)
+        out = self.model(input_ids=input_ids, **hf_inputs(inputs))
         return out.logits, out.loss
 
 

@@ -25,17 +25,14 @@ import llama
 from llama.cli import Parser, integer, run_command
 from llama.pretrain import BUNDLED_MODEL
 from recipe.instruct.batching import batches
+from recipe.instruct.corpus import BUNDLED_TRAIN
 from recipe.instruct.dataset import load_instruct
 from recipe.instruct.loss import global_target_count, scaled_loss
 
 from . import timed
 
-BUNDLED_SET = Path(__file__).resolve().parent.parent / "recipe" / "instruct" / "data"
-
-
 def encoded_set(n_examples: int, seq_len: int, seed: int = 0):
-    data = load_instruct(BUNDLED_SET / "train.jsonl", llama.ByteTokenizer(), None, "chatml",
-                         seq_len)
+    data = load_instruct(BUNDLED_TRAIN, llama.ByteTokenizer(), None, "chatml", seq_len)
     examples = list(data.examples)
     random.Random(seed).shuffle(examples)
     return examples[:n_examples]

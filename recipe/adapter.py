@@ -44,8 +44,9 @@ def adapter_config(opts: BuildOptions, targets: list[str], base: str) -> dict:
             "fan_in_fan_out": False, "modules_to_save": None}
 
 
-def save_trained_adapter(built: Built, opts: BuildOptions, directory: Path) -> Path | None:
-    """Write the trained adapter to ``directory`` on rank 0 (collective: every rank calls it)."""
+def save_trained_adapter(built: Built, opts: BuildOptions, directory: Path, extra: dict[str, str] | None = None) -> Path | None:
+    """Write the trained adapter to ``directory`` on rank 0 (collective: every rank calls it); ``extra``:
+    more text files ``{name: text}`` written with it (the chat template it was trained with)."""
     state = built.trainable.trainable_state_dict()
     if dist.get_rank() != 0:
         return None
@@ -58,6 +59,8 @@ def save_trained_adapter(built: Built, opts: BuildOptions, directory: Path) -> P
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / BASE_FILE).write_text(json.dumps(shape, indent=1) + "\n")
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     replace_directory(tmp, directory)
     return directory
 

@@ -13,8 +13,10 @@ the name alone, the same split on every machine); a corpus of a single document 
 ``llama.corpus.windows``.
 
 What the loop consumes is a `Batch`: ``input_ids`` and ``labels`` (the same tensor for plain text: the
-model shifts them), plus ``position_ids`` and ``attention_mask``, None for plain text, which packed or
-masked instruction data can fill.
+model shifts them), plus ``position_ids`` and ``attention_mask``, None for plain text, filled for packed
+or padded instruction data (``recipe.instruct``). The `Sampler` and `eval_batches` draw rows from any
+*rows* object (``len(rows)`` and ``rows.batch(indices) -> Batch``): `TextWindows` here, or
+``recipe.instruct.ExampleRows`` (packed or padded JSONL examples).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 
 from llama.corpus import in_heldout, windows
 
-__all__ = ["Batch", "Sampler", "encode_ids", "eval_batches", "load_documents", "pydoc_topics_path",
+__all__ = ["Batch", "Sampler", "TextWindows", "encode_ids", "eval_batches", "load_documents", "pydoc_topics_path",
            "tokenize_splits", "windows"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -103,30 +105,51 @@ def tokenize_splits(documents: dict[str, str], tokenizer, heldout_percent: int =
     return tuple(torch.tensor(splits[s], dtype=torch.int64) for s in ("train", "heldout"))
 
 
-class Sampler:
-    """Shuffled windows, one global batch per call, each rank taking its rows; resumable exactly.
+class TextWindows:
+    """Rows of plain text: the ``(n, seq_len)`` windows, every token a target."""
 
-    Epoch e visits the windows in ``randperm(n, generator seeded with seed + e)``; a global batch is
-    ``batch_size * world_size`` consecutive windows of that order (wrapping into the next epoch), and rank
-    r takes rows ``[r * batch_size, (r + 1) * batch_size)``. The whole state is two integers
-    (``state_dict``), so a resumed run draws the very same batches as an uninterrupted one.
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        return Batch.of_text(self.windows[indices])
+
+
+def as_rows(rows):
+    """A tensor of windows as `TextWindows`; any other rows object as it is."""
+    return TextWindows(rows) if isinstance(rows, torch.Tensor) else rows
+
+
+class Sampler:
+    """Shuffled rows, one global batch per call, each rank taking its rows; resumable exactly.
+
+    ``rows``: a tensor of windows, or any rows object (``len``, ``batch(indices) -> Batch``). Epoch e
+    visits the rows in ``randperm(n, generator seeded with seed + e)``; a global batch is
+    ``batch_size * world_size`` consecutive rows of that order (wrapping into the next epoch), and rank
+    r takes rows ``[r * batch_size, (r + 1) * batch_size)``. The whole state is a few integers
+    (``state_dict``: epoch, position, seed and the number of rows, checked on load), so a resumed run
+    draws the very same batches as an uninterrupted one.
     """
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, rows, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
-        if len(windows) < batch_size * world_size:
-            raise ValueError(f"{len(windows)} windows cannot fill one global batch of "
+        self.rows = as_rows(rows)
+        if len(self.rows) < batch_size * world_size:
+            raise ValueError(f"{len(self.rows)} rows cannot fill one global batch of "
                              f"{batch_size} x {world_size} ranks; use a smaller --batch-size or --seq-len")
-        self.windows, self.batch_size, self.rank, self.world_size, self.seed = windows, batch_size, rank, world_size, seed
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def next_batch(self) -> Batch:
-        """This rank's ``(batch_size, seq_len)`` windows of the next global batch."""
+        """This rank's ``batch_size`` rows of the next global batch."""
         rows = []
         for _ in range(self.batch_size * self.world_size):
             if self.position == len(self._order):
@@ -134,25 +157,35 @@ class Sampler:
                 self._order = self._permutation(self.epoch)
             rows.append(self._order[self.position])
             self.position += 1
-        mine = torch.stack(rows)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return Batch.of_text(self.windows[mine])
+        return self.rows.batch(torch.stack(rows)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rows": len(self.rows)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore a `state_dict`; one that does not belong to these rows and this seed is refused."""
+        if not isinstance(state, dict) or not {"epoch", "position", "seed", "rows"} <= state.keys() or \
+                not all(isinstance(state[k], int) and not isinstance(state[k], bool) for k in state):
+            raise ValueError(f"sampler state must hold integers epoch, position, seed and rows, got {state!r:.200}")
         if state["seed"] != self.seed:
             raise ValueError(f"checkpoint sampler seed {state['seed']} != --seed {self.seed}")
+        if state["rows"] != len(self.rows):
+            raise ValueError(f"checkpoint sampler was drawing from {state['rows']} rows, this data has "
+                             f"{len(self.rows)}: not the same data, --seq-len or packing")
+        if state["epoch"] < 0 or not 0 <= state["position"] <= len(self.rows):
+            raise ValueError(f"checkpoint sampler position {state['epoch']}:{state['position']} is outside "
+                             f"0..{len(self.rows)} rows")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
 
 
-def eval_batches(windows: torch.Tensor, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1):
-    """The first ``n_batches`` global batches of the held-out windows, in order, this rank's rows."""
-    per_global = batch_size * world_size
-    n_batches = min(n_batches, len(windows) // per_global)
+def eval_batches(rows, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1):
+    """The first ``n_batches`` global batches of the held-out rows (windows or a rows object), in
+    order, this rank's rows."""
+    rows, per_global = as_rows(rows), batch_size * world_size
+    n_batches = min(n_batches, len(rows) // per_global)
     if n_batches == 0:
-        raise ValueError(f"held-out split has {len(windows)} windows, fewer than one global batch ({per_global})")
+        raise ValueError(f"held-out split has {len(rows)} rows, fewer than one global batch ({per_global})")
     for b in range(n_batches):
         start = b * per_global + rank * batch_size
-        yield Batch.of_text(windows[start:start + batch_size])
+        yield rows.batch(torch.arange(start, start + batch_size))

@@ -11,7 +11,9 @@ bitsandbytes checkpoint is read as is), then the PEFT-format adapter is loaded u
 A single ``--prompt`` streams its completion as it is produced; ``--prompts FILE`` (one prompt per
 line) runs all of them as one left-padded batch and prints each completion. Then one line reports the
 prompt (prefill) and decode speeds in tokens/s and the peak memory (the GPU's allocated peak, or the
-process's resident peak on the CPU). Greedy by default (``--temperature 0``).
+process's resident peak on the CPU). Greedy by default (``--temperature 0``). ``--chat``: each prompt
+is a user message, rendered in the chat template the adapter was trained with (``recipe.train`` saves
+it beside the adapter), as training rendered its conversations.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ import llama
 import lora
 import nf4
 from llama.cli import Parser, integer, number, run_command
+from llama.pretrain import BUNDLED_MODEL
 
 from .device import device_peak_mib, reset_device_peak, resolve_device
+from .instruct.corpus import chat_prompt
 from .memory import peak_rss_bytes, reset_peak_rss
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,12 +111,14 @@ class Stream:
 
 def parse_args(argv=None):
     p = Parser(prog="python -m recipe.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--adapter", type=Path, help="PEFT-format adapter directory, loaded unmerged")
     p.add_argument("--quant", choices=("nf4", "none"), default="none")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (its completion is streamed)")
     source.add_argument("--prompts", help="a file, one prompt per line (one left-padded batch)")
+    p.add_argument("--chat", action="store_true", help="each prompt is a user message, rendered with the chat template "
+                   "the adapter was trained with (its chat_template.jinja), else the checkpoint's, else chatml")
     p.add_argument("--max-new-tokens", type=integer(minimum=1), default=64)
     p.add_argument("--temperature", type=number(minimum=0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=number(above=0, maximum=1),
@@ -132,7 +137,8 @@ def main(argv=None) -> dict:
     prompts = read_prompts(args)
     model = load_model(args.model, args.adapter, args.quant, DTYPES[args.dtype], device)
     tokenizer = llama.load_tokenizer(args.model)
-    ids = [encode(tokenizer, text) for text in prompts]
+    ids = [chat_prompt(args.model, args.adapter, tokenizer, text) if args.chat else encode(tokenizer, text)
+           for text in prompts]
     eos = model.config.eos_token_id
     stop_ids = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
     stream = Stream(tokenizer, show=len(prompts) == 1)

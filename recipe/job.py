@@ -1,5 +1,9 @@
 """The main job, from a typed configuration: data -> plan check -> build -> resume -> loop -> adapter.
 
+By default it fine-tunes the bundled tiny-llama on the bundled instruction set (questions about Python's
+standard library): held-out loss on the response tokens before and after, and greedy answers to a few
+held-out questions before and after (``answer_questions``), then the adapter.
+
     summary = run_job(JobConfig(build=BuildOptions(...), loop=LoopConfig(...)))
 
 ``recipe/train.py`` is its command line; the notebooks and benchmarks may call `run_job` directly.
@@ -17,10 +21,12 @@ import torch.distributed as dist
 import llama
 
 from . import checkpoint, data
-from .adapter import save_trained_adapter
+from .adapter import load_onto_base, save_trained_adapter
 from .build import BuildOptions, Built, build
+from .corpus import Corpus, load_corpus, tokenizer_of
 from .device import device_peak_mib, memory_budget, release_cached_blocks, reset_device_peak
 from .fingerprint import of_job
+from .instruct.encode import TextEncoder
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import ALL_LINEAR, GiB, Setup, plan
@@ -38,9 +44,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 class JobConfig:
     build: BuildOptions
     loop: LoopConfig
-    data: str | None = None             # text file or directory; None: the pydoc topics
+    data: str | None = None             # FILE.jsonl, "pydoc", a text file or directory; None: the bundled set
+    heldout: str | None = None          # held-out FILE.jsonl; None: the bundled one, or a CRC32 split
+    template: str = "auto"              # chat template: the checkpoint's, or alpaca|chatml|llama3|plain
+    packing: bool = True                # JSONL: pack examples into seq_len rows (else pad per batch)
+    train_on_prompt: bool = False       # JSONL: count the prompt tokens in the loss too
+    drop_long: bool = False             # JSONL: drop examples longer than seq_len (else truncate them)
+    samples: int | None = None          # held-out questions answered before and after (rank 0 loads the whole
+                                        # base for it); None: 4 for the bundled set, 0 for other data
     tokenizer: str = "auto"             # "auto": the checkpoint's; "byte": the byte tokenizer
-    seq_len: int = 128
+    seq_len: int = 256
     batch_size: int = 4                 # sequences per rank per micro-batch
     eval_batches: int = 8
     activation_checkpointing: bool = False
@@ -52,30 +65,6 @@ class JobConfig:
     def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
         """The settings a checkpoint must share with the run that resumes it (``recipe.fingerprint``)."""
         return of_job(self, model_config)
-
-
-@dataclasses.dataclass
-class Corpus:
-    train: torch.Tensor                 # (n, seq_len) training windows
-    heldout: torch.Tensor               # (m, seq_len) held-out windows
-
-
-def load_corpus(config: JobConfig, model_config: llama.LlamaConfig, world: int) -> Corpus:
-    """Tokenize and window the corpus; refuse a tokenizer that does not fit the model and a world size the
-    data cannot feed, naming both sides."""
-    model = config.build.model
-    tokenizer = llama.ByteTokenizer() if config.tokenizer == "byte" else llama.load_tokenizer(model)
-    train_ids, heldout_ids = data.tokenize_splits(data.load_documents(config.data), tokenizer)
-    largest = int(max(train_ids.max(), heldout_ids.max()))
-    if largest >= model_config.vocab_size:
-        raise ValueError(f"the tokenizer of --model {model} produces token id {largest}, but the model's "
-                         f"vocab_size is {model_config.vocab_size}: tokenizer.json and config.json do not belong together")
-    corpus = Corpus(data.windows(train_ids, config.seq_len), data.windows(heldout_ids, config.seq_len))
-    if world * config.batch_size > min(len(corpus.train), len(corpus.heldout)):
-        raise ValueError(f"world size {world} is larger than this run can use: {world} ranks x --batch-size "
-                         f"{config.batch_size} needs that many windows of {config.seq_len} tokens, the corpus has "
-                         f"{len(corpus.train)} (train) and {len(corpus.heldout)} (held-out)")
-    return corpus
 
 
 def check_plan(config: JobConfig, model_config: llama.LlamaConfig, world: int, log: Log) -> None:
@@ -109,7 +98,7 @@ def prepare_run(config: JobConfig, built: Built, corpus: Corpus, model_config: l
     return Run(built.trainable, optimizer, sampler,
                heldout=lambda: data.eval_batches(corpus.heldout, config.batch_size, config.eval_batches, rank, world),
                device=built.device, rank=rank, tokens_per_step=world * config.batch_size * config.seq_len
-               * config.loop.grad_accum, fingerprint=config.fingerprint(model_config))
+               * config.loop.grad_accum, fingerprint={**config.fingerprint(model_config), "data": corpus.fingerprint})
 
 
 def resume(run: Run, config: JobConfig, log: Log) -> int:
@@ -140,6 +129,9 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
     torch.manual_seed(config.build.seed + rank)  # dropout masks differ per rank; LoRA init does not use it
     model_config = llama.LlamaConfig.from_hf(config.build.model)
     corpus = load_corpus(config, model_config, world)
+    for line in corpus.report:
+        log(line)
+    answers_before = answer_questions(config, corpus, None)
     check_plan(config, model_config, world, log)
     if memory is None and config.track_memory:
         memory = TensorMemory(record_peak=True)
@@ -155,7 +147,7 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
         trim_metrics(config.loop.out / "metrics.jsonl", start)
     log(f"rank 0 of {world}: {built.description}, {dtype_name(config.build.compute_dtype)} on {built.device}; "
         f"load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
-    eval_before = evaluate(run.model, run.heldout())
+    eval_before = evaluate(run.model, run.heldout(), run.device)
     log(f"held-out loss before: {eval_before:.4f}")
     reset_peak_rss()
     reset_device_peak(built.device)
@@ -165,7 +157,7 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
         result = train(run, config.loop, start, on_step)
     if memory:
         memory.__exit__(None, None, None)
-    summary = finish(Finished(config, built, run, eval_before, result, memory), log)
+    summary = finish(Finished(config, built, run, eval_before, result, memory, corpus, answers_before), log)
     dist.barrier()
     return summary
 
@@ -179,6 +171,8 @@ class Finished:
     eval_before: float
     result: LoopResult
     memory: TensorMemory | None
+    corpus: Corpus
+    answers_before: list[str]
 
 
 def rank_peaks(done: Finished) -> list[dict]:
@@ -198,7 +192,9 @@ def rank_peaks(done: Finished) -> list[dict]:
 def finish(done: Finished, log: Log) -> dict:
     """Write the adapter, gather per-rank peaks, print and write the summary."""
     out, result, device = done.config.loop.out, done.result, done.built.device
-    save_trained_adapter(done.built, done.config.build, out / "adapter")
+    template = done.corpus.template
+    save_trained_adapter(done.built, done.config.build, out / "adapter",
+                         extra={"chat_template.jinja": template.source} if template is not None else None)
     peaks = rank_peaks(done)
     steps = done.config.loop.steps - result.start
     summary = {"eval_loss_before": done.eval_before, "eval_loss_after": result.eval_loss, "steps": steps,
@@ -212,6 +208,32 @@ def finish(done: Finished, log: Log) -> dict:
             + (f"; peak {device.type} memory allocated {p['peak_device_mib']:.0f} MiB training, "
                f"{p['load_peak_device_mib']:.0f} MiB loading" if p["peak_device_mib"] is not None else ""))
     log(f"adapter written to {out / 'adapter'} (PEFT format)")
+    summary["answers"] = show_answers(done, answer_questions(done.config, done.corpus, out / "adapter"), log)
     if dist.get_rank() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def answer_questions(config: JobConfig, corpus: Corpus, adapter) -> list[str]:
+    """Rank 0's greedy answers to the held-out questions: the unquantized base in fp32, with the trained
+    adapter loaded unmerged when ``adapter`` is a directory (``llama.generate``, up to 96 new tokens,
+    stopping at EOS). Empty on other ranks and for plain text."""
+    if dist.get_rank() != 0 or not corpus.questions:
+        return []
+    tokenizer = tokenizer_of(config)
+    eos = TextEncoder(tokenizer, corpus.template.special_tokens).eos_token_id
+    model_dir = config.build.model
+    model = (llama.load_checkpoint(None, model_dir) if adapter is None else load_onto_base(model_dir, adapter)).float()
+    outputs = llama.generate(model.eval(), [q.prompt_ids for q in corpus.questions], max_new_tokens=96, stop_ids=[eos])
+    return [tokenizer.decode([t for t in out if t != eos]).strip() for out in outputs]
+
+
+def show_answers(done: Finished, after: list[str], log: Log) -> list[dict]:
+    """Print each held-out question with the data's answer and the model's before and after training."""
+    answers = [{"question": q.text, "reference": q.reference, "before": b, "after": a}
+               for q, b, a in zip(done.corpus.questions, done.answers_before, after)]
+    if answers:
+        log("held-out questions, greedy answers of the base before and of base + adapter after training:")
+    for answer in answers:
+        log("\n".join(f"  {key:>9}: {answer[key]!r}" for key in ("question", "reference", "before", "after")))
+    return answers

@@ -3,7 +3,12 @@
     result = train(run, LoopConfig(steps=300, lr=3e-3, out=Path("runs/default")))
 
 One optimizer step: ``grad_accum`` micro-batches (`Batch`), each rank taking its rows of the global
-batch; loss / grad_accum backward (under sharding the gradients are reduce-scattered into the shards);
+batch. The loss of the step is token-weighted (``recipe.instruct.loss``): the sum of the per-token losses
+over every micro-batch of every rank divided by N, the number of target tokens in the whole global batch.
+N is counted before the first micro-batch (one all-reduce per step), so each micro-batch backwards its
+sum times world / N at once; the gradient reduction averages over ranks (ours and FSDP2 reduce-scatter
+with a mean, the unsharded twin all-reduces and divides), which the factor world undoes. For plain text
+every row has the same target count and this is the mean of the micro-batches' means. Then
 global-norm clipping; AdamW on the local fp32 master shards; the learning rate from linear warmup then
 cosine decay (``llama.training.warmup_cosine``). Every ``eval_every`` steps the held-out loss; every
 ``save_every`` steps an atomic checkpoint (``recipe/checkpoint.py``); one JSON line per step in
@@ -23,11 +28,12 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from llama.cli import progress
-from llama.training import mean_loss, warmup_cosine
+from llama.training import warmup_cosine
 
 from . import checkpoint, profile
 from .data import Batch, Sampler
-from .device import all_mean, collective_device, device_peak_mib
+from .device import collective_device, device_peak_mib
+from .instruct.loss import count_targets, global_target_count, token_losses
 from .memory import peak_rss_bytes
 from .twins import TrainableModel
 
@@ -73,38 +79,59 @@ class LoopResult:
     seconds: float                  # training time, evaluation excluded
 
 
-def batch_loss(model: TrainableModel, batch: Batch) -> torch.Tensor:
-    """The model's mean next-token loss on ``batch``."""
-    return model.forward(**batch.model_inputs())[1]
+def loss_sum(model: TrainableModel, batch: Batch) -> torch.Tensor:
+    """The sum of the model's next-token losses over the target tokens of ``batch`` (fp32)."""
+    inputs = batch.model_inputs()
+    labels = inputs.pop("labels")
+    return token_losses(model.forward(**inputs)[0], labels).sum()
 
 
-def evaluate(model: TrainableModel, batches: Iterable[Batch]) -> float:
-    """Mean held-out loss over ``batches``, averaged over ranks (``llama.training.mean_loss``: eval mode,
-    no dropout, so no random numbers are drawn and evaluating does not change the run)."""
-    return all_mean(mean_loss(model.model, batches, lambda batch: batch_loss(model, batch)))
+def all_sum(*values: float) -> list[float]:
+    """Python numbers summed over all ranks (one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.device | None = None) -> float:
+    """Held-out loss per target token over ``batches`` and all ranks (the sum of token losses over their
+    count), in eval mode: no dropout, so no random numbers are drawn and evaluating does not change the run."""
+    was_training, total, count = model.model.training, 0.0, 0
+    model.model.eval()
+    for batch in batches:
+        total += loss_sum(model, batch if device is None else batch.to(device)).item()
+        count += count_targets(batch.labels)
+    model.model.train(was_training)
+    total, count = all_sum(total, count)
+    if count == 0:
+        raise ValueError("the held-out batches hold no target tokens")
+    return total / count
 
 
 def train_step(run: Run, config: LoopConfig, step: int) -> dict:
-    """One optimizer step; returns its metrics. "loss" (this rank's mean over micro-batches) and "grad_norm"
-    are still tensors on the device: the step never waits for the GPU (no ``.item()``, no ``float()``);
-    `log_records` turns them into numbers for every step since the last log, with one host sync."""
+    """One optimizer step; returns its metrics. "loss" (this rank's token-loss sum times world / N, so that
+    `to_numbers`' mean over ranks is the loss per target token of the global batch) and "grad_norm" are
+    still tensors on the device; the target count N is the step's one sync, before the micro-batches."""
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    for _ in range(config.grad_accum):
-        with record_function("data"):  # the labels `recipe.profile` splits a step by
-            batch = run.sampler.next_batch().to(run.device)
+    with record_function("data"):  # the labels `recipe.profile` splits a step by
+        batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
+        targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    for batch in batches:
         with record_function("forward"):
-            loss = batch_loss(run.model, batch)
+            loss = loss_sum(run.model, batch.to(run.device))
         with record_function("backward"):
-            (loss / config.grad_accum).backward()
-        loss_sum += loss.detach()  # a tensor: ``loss.item()`` here would wait for the GPU every micro-batch
+            (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
+        total += loss.detach()
     with record_function("optimizer"):
         grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": loss_sum / config.grad_accum, "grad_norm": grad_norm, "lr": lr}
+    return {"step": step + 1, "loss": total * (world / targets), "grad_norm": grad_norm, "lr": lr,
+            "targets": targets}
 
 
 def to_numbers(records: list[dict]) -> None:
@@ -166,7 +193,7 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
         last, save = step + 1 == config.steps, (step + 1) % config.save_every == 0 and step + 1 < config.steps
         if (step + 1) % config.eval_every == 0 or last:
             eval_start = time.perf_counter()
-            record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout())
+            record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout(), run.device)
             eval_seconds += time.perf_counter() - eval_start
         record["tokens_per_s"] = run.tokens_per_step * (step + 1 - start) / (time.perf_counter() - t0 - eval_seconds)
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20

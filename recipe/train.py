@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 2 -m recipe.train --quant bnb     # bitsandbytes Linear4bit as the base
     ... --lora peft | --shard fsdp2 | --shard hybrid | --resume | --activation-checkpointing | --offload
 
-Default: fine-tune the bundled pretrained tiny-llama (pretrained on Python source) on a different
-domain -- the English documentation of ``pydoc_data/topics.py`` -- and print held-out loss before and
-after, tokens/s and peak memory per rank; the adapter is written in PEFT's format to ``<out>/adapter``.
+Default: fine-tune the bundled pretrained tiny-llama (pretrained on Python source) on the bundled
+instruction set (``recipe/instruct/data``: questions about Python's standard library) and print the
+held-out loss on the response tokens before and after, greedy answers to a few held-out questions before
+and after, tokens/s and peak memory per rank; the adapter is written in PEFT's format to ``<out>/adapter``.
+``--data FILE.jsonl`` trains on your own examples, ``--data pydoc`` on plain text (``recipe/corpus.py``).
 
 This file only parses the flags into a ``recipe.job.JobConfig`` (a ``BuildOptions`` and a
 ``recipe.loop.LoopConfig``) and runs it. Device (``--device``, ``recipe/device.py``): each rank on its own
@@ -31,6 +33,7 @@ from .build import CHOICES, DEFAULT_MODEL, BuildOptions
 from .device import DEVICES, default_dtype, init_distributed, resolve_device
 from .job import DTYPES, JobConfig, run_job
 from .loop import LoopConfig, StepCallback
+from .instruct.templates import BUILTIN
 from .plan import ALL_LINEAR
 
 
@@ -38,7 +41,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The flags, each numeric one checked against its domain while parsing (before any model loads)."""
     p = Parser(prog="torchrun --nproc_per_node N -m recipe.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled tiny-llama)")
-    p.add_argument("--data", default=None, help="text file or directory (default: pydoc topics)")
+    p.add_argument("--data", default=None, help="FILE.jsonl (plain/alpaca/chat, detected), 'pydoc' (the pydoc "
+                   "topics as plain text), a text file or a directory of them (default: the bundled instruction set)")
+    p.add_argument("--heldout", default=None, help="held-out FILE.jsonl (default: 10%% of --data's examples by CRC32)")
+    p.add_argument("--template", choices=("auto", *BUILTIN), default="auto",
+                   help="chat template of JSONL data (auto: the checkpoint's own, else chatml)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="JSONL: pack examples into --seq-len rows (--no-packing: pad each batch)")
+    p.add_argument("--train-on-prompt", action="store_true", help="JSONL: count the prompt tokens in the loss too")
+    p.add_argument("--drop-long", action="store_true", help="JSONL: drop examples longer than --seq-len "
+                   "(default: truncate them, counted in the report)")
+    p.add_argument("--samples", type=int, default=None, help="held-out questions answered greedily before and after "
+                   "training, by the whole base loaded on rank 0 (default: 4 for the bundled set, 0 for other data)")
     p.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
                    help="byte: the byte tokenizer for any base with vocab >= 258 (e.g. random-weight test models)")
     for name, choices in CHOICES.items():
@@ -51,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=number(minimum=0, below=1), default=0.0)
     p.add_argument("--dora", action="store_true")
     p.add_argument("--target-modules", type=module_names, default=",".join(ALL_LINEAR))
-    p.add_argument("--seq-len", type=integer(minimum=2), default=128, help="tokens per window (>= 2: one prediction)")
+    p.add_argument("--seq-len", type=integer(minimum=2), default=256, help="tokens per window (>= 2: one prediction)")
     p.add_argument("--batch-size", type=integer(minimum=1), default=4, help="sequences per rank per micro-batch")
     p.add_argument("--grad-accum", type=integer(minimum=1), default=1)
     p.add_argument("--steps", type=integer(minimum=1), default=300)
@@ -98,7 +112,9 @@ def job_config(args: argparse.Namespace, device: torch.device = torch.device("cp
     loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
                       max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every,
                       out=Path(args.out), progress=not args.no_progress)
-    return JobConfig(build=build, loop=loop, data=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
+    return JobConfig(build=build, loop=loop, data=args.data, heldout=args.heldout, template=args.template,
+                     packing=args.packing, train_on_prompt=args.train_on_prompt, drop_long=args.drop_long,
+                     samples=args.samples, tokenizer=args.tokenizer, seq_len=args.seq_len,
                      batch_size=args.batch_size, eval_batches=args.eval_batches,
                      activation_checkpointing=args.activation_checkpointing, resume=args.resume,
                      memory_gib=args.memory_gib, track_memory=args.track_memory, profile=args.profile)

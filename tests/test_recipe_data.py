@@ -75,7 +75,7 @@ def test_bad_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="global batch"):
         Sampler(windows(torch.arange(8), 2), batch_size=3, world_size=2)
     with pytest.raises(ValueError, match="seed"):
-        Sampler(windows(torch.arange(8), 2), batch_size=1, seed=1).load_state_dict({"epoch": 0, "position": 0, "seed": 2})
+        Sampler(windows(torch.arange(8), 2), batch_size=1, seed=1).load_state_dict({"epoch": 0, "position": 0, "seed": 2, "rows": 4})
 
 
 def test_a_batch_of_plain_text_predicts_its_own_next_tokens_and_passes_only_what_it_has():

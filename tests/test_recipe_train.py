@@ -22,7 +22,7 @@ from distributed import free_port, run_on_ranks
 from reference_libs import reference
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--dtype", "fp32", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--eval-batches", "2", "--no-progress"]
+FAST = ["--data", "pydoc", "--samples", "0", "--dtype", "fp32", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--eval-batches", "2", "--no-progress"]
 
 
 def losses(out: Path) -> list[float]:

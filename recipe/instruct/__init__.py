@@ -12,7 +12,8 @@
 The bundled instruction set (``data/train.jsonl``, ``data/heldout.jsonl``) is made by
 ``tools/make_instruct_set.py``.
 """
-from .batching import Batch, batches, collate, fit_length, pack
+from ..data import Batch
+from .batching import ExampleRows, batches, collate, fit_length, pack
 from .dataset import InstructData, load_instruct
 from .encode import Encoded, TextEncoder, encode_example, special_tokens
 from .jsonl import read_jsonl
@@ -20,5 +21,5 @@ from .loss import count_targets, global_target_count, scaled_loss, token_losses
 from .templates import BUILTIN, ChatTemplate, load_template
 
 __all__ = ["read_jsonl", "BUILTIN", "ChatTemplate", "load_template", "Encoded", "TextEncoder", "encode_example",
-           "special_tokens", "Batch", "batches", "collate", "fit_length", "pack", "count_targets",
+           "special_tokens", "Batch", "ExampleRows", "batches", "collate", "fit_length", "pack", "count_targets",
            "global_target_count", "scaled_loss", "token_losses", "InstructData", "load_instruct"]

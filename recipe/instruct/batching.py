@@ -8,25 +8,17 @@ loss it gets alone, with no padding wasted. Without packing each row holds one e
 is padded to its longest row; the padding (segment id -1) is masked out of attention and loss alike.
 
 Labels are the token ids where the target mask is set and -100 elsewhere (ignored by the loss).
+A batch is ``recipe.data.Batch``, the one the training loop consumes; `ExampleRows` is what its
+sampler draws rows from.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from llama.masks import document_mask, document_positions, is_segment_start
 
+from ..data import Batch
 from .encode import Encoded
-
-
-@dataclass
-class Batch:
-    """What the model's forward takes: ids, labels (-100 = not scored), positions and a bool mask."""
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
 
 
 def fit_length(examples: list[Encoded], seq_len: int, drop_long: bool = False) -> tuple[list[Encoded], dict]:
@@ -89,7 +81,21 @@ def collate(rows: list[list[Encoded]], length: int | None = None, pad_id: int = 
 
 def batches(examples: list[Encoded], batch_size: int, seq_len: int, packing: bool, pad_id: int = 0) -> list[Batch]:
     """Batches of ``batch_size`` rows: packed ``seq_len`` rows, or one example a row padded per batch."""
-    rows = pack(examples, seq_len) if packing else [[example] for example in examples]
-    return [collate(rows[i:i + batch_size], seq_len if packing else None, pad_id)
-            for i in range(0, len(rows), batch_size)]
+    rows = ExampleRows(examples, seq_len, packing, pad_id)
+    return [rows.batch(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
 
+
+class ExampleRows:
+    """The rows a sampler draws from: examples packed into ``seq_len`` rows (fixed once, first-fit in
+    the given order), or one example a row; ``batch(indices)`` collates the chosen rows (packed rows
+    filled to ``seq_len``, padded rows to the longest of the batch)."""
+
+    def __init__(self, examples: list[Encoded], seq_len: int, packing: bool, pad_id: int = 0):
+        self.rows = pack(examples, seq_len) if packing else [[example] for example in examples]
+        self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices) -> Batch:
+        return collate([self.rows[int(i)] for i in indices], self.seq_len if self.packing else None, self.pad_id)

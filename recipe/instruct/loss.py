@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..device import collective_device
+
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(batch, seq - 1) fp32 next-token cross-entropy: logits[:, t] against labels[:, t + 1]; 0 where -100."""
@@ -37,6 +39,7 @@ def global_target_count(labels_per_micro_batch: list[torch.Tensor], group=None) 
     """N: this rank's target tokens over its micro-batches of the step, summed over all ranks."""
     count = torch.tensor(sum(count_targets(labels) for labels in labels_per_micro_batch), dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
+        count = count.to(collective_device())  # NCCL reduces only GPU tensors
         dist.all_reduce(count, group=group)
     if count == 0:
         raise ValueError("the global batch has no target tokens: every example was prompt only or truncated away")

@@ -99,6 +99,11 @@ class TrainableModel(abc.ABC):
                                       **{key: self.from_local(state[f"{key}.{i}"], p) for key in MOMENTS}}
 
 
+def logits_and_loss(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``llama.Llama`` returns the logits alone without labels, ``(logits, loss)`` with them."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
 def _gathered_on_rank0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     return state if dist.get_rank() == 0 else None
 
@@ -111,7 +116,7 @@ class OursSharded(TrainableModel):
         self.sharded = sharded
 
     def forward(self, input_ids, **inputs):
-        return self.sharded(input_ids, **inputs)
+        return logits_and_loss(self.sharded(input_ids, **inputs))
 
     def parameters(self):
         return self.sharded.parameters()
@@ -127,7 +132,7 @@ class Unsharded(TrainableModel):
     """The model's own trainable parameters: every rank holds all of them (data parallel)."""
 
     def forward(self, input_ids, **inputs):
-        return self.model(input_ids, **inputs)
+        return logits_and_loss(self.model(input_ids, **inputs))
 
     def parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
