@@ -2,6 +2,7 @@
 
     python -m benchmarks.e2e [--steps 60 --seq-len 128 --batch-size 4]
     python -m benchmarks.e2e --quick                     # tiny sizes, seconds: checks that both sides run
+    python -m benchmarks.e2e --profile                   # and where a step's time goes on each side
     python -m benchmarks.e2e --device cuda --ranks 1     # on one GPU (benchmarks/gpu.sh); NCCL needs a GPU per rank
 
 (a) ours     ``torchrun -m recipe.train``: nf4.Linear4bit + lora.LoRALinear + sharding.shard_model
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="as recipe.train's --device")
     p.add_argument("--ranks", type=integer(minimum=1), default=2, help="processes (on CUDA: at most one per GPU)")
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", action="store_true", help="both sides run with recipe.train's --profile; "
+                   "prints where a step's time goes, side by side")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes, seconds ({QUICK}): checks both sides run")
     args = p.parse_args(argv)
     if args.quick:
@@ -90,6 +93,22 @@ def table(args, device: str, ours: dict, lib: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_table(out: Path) -> str:
+    """Rank 0's mean profiled step of each side, split as ``recipe.profile`` does (ms)."""
+    from recipe.profile import PARTS
+
+    ours, lib = (json.loads((out / name / "profile" / "summary.json").read_text())["ranks"][0]
+                 for name in ("ours", "library"))
+    lines = [f"where a step's time goes, rank 0 (ms; traces in {out}/<side>/profile)",
+             f"| {'part':<16} | {'ours':>10} | {'library':>10} |", f"|{'-' * 18}|{'-' * 12}|{'-' * 12}|"]
+    for name, a, b in [*((n, ours["parts_ms"][n], lib["parts_ms"][n]) for n in PARTS),
+                       ("idle: in flight", ours["in_flight_ms"], lib["in_flight_ms"]),
+                       ("step", ours["step_ms"], lib["step_ms"]),
+                       ("CPU time, step", ours["cpu_ms_per_step"], lib["cpu_ms_per_step"])]:
+        lines.append(f"| {name:<16} | {a:>10.1f} | {b:>10.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
     import torch
 
@@ -105,12 +124,15 @@ def main(argv=None) -> str:
               "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--dtype", args.dtype,
               "--device", device.type, "--eval-every", str(args.steps), "--save-every", str(args.steps),
               "--no-progress", "--samples", "0", "--data", args.data, "--template", args.template,
-              "--packing" if args.packing else "--no-packing", *(["--heldout", args.heldout] if args.heldout else [])]
+              "--packing" if args.packing else "--no-packing", *(["--heldout", args.heldout] if args.heldout else []),
+              *(["--profile"] if args.profile else [])]
     out = Path(args.out or tempfile.mkdtemp(prefix="home70b-e2e-"))
     for name, module in (("ours", "recipe.train"), ("library", "benchmarks.e2e_library")):
         torchrun(args.ranks, module, [*shared, "--out", str(out / name)])
     ours, lib = (json.loads((out / name / "summary.json").read_text()) for name in ("ours", "library"))
     text = table(args, device.type, ours, lib)
+    if args.profile:
+        text += "\n\n" + profile_table(out)
     print("\n" + text)
     return text
 

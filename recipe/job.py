@@ -30,6 +30,7 @@ from .instruct.encode import TextEncoder
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
 from .memory import TensorMemory, peak_rss_bytes, reset_peak_rss
 from .plan import ALL_LINEAR, GiB, Setup, plan
+from .profile import profiling
 
 Log = Callable[[str], None]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype
@@ -59,6 +60,7 @@ class JobConfig:
     resume: bool = False                # continue from <out>/checkpoints/latest
     memory_gib: float | None = None     # memory per rank for the plan check (default: what the device has)
     track_memory: bool = False          # count live tensor bytes (slower)
+    profile: bool = False               # trace a few steps per rank and summarize them (recipe/profile.py)
 
     def fingerprint(self, model_config: llama.LlamaConfig) -> dict:
         """The settings a checkpoint must share with the run that resumes it (``recipe.fingerprint``)."""
@@ -151,7 +153,8 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
     reset_device_peak(built.device)
     if memory:
         memory.reset_peak()
-    result = train(run, config.loop, start, on_step)
+    with profiling(config.loop.out, config.loop.steps - start, config.profile):
+        result = train(run, config.loop, start, on_step)
     if memory:
         memory.__exit__(None, None, None)
     summary = finish(Finished(config, built, run, eval_before, result, memory, corpus, answers_before), log)

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from llama.cli import progress
 from llama.training import warmup_cosine
 
-from . import checkpoint
+from . import checkpoint, profile
 from .data import Batch, Sampler
 from .device import collective_device, device_peak_mib
 from .instruct.loss import count_targets, global_target_count, token_losses
@@ -115,16 +116,20 @@ def train_step(run: Run, config: LoopConfig, step: int) -> dict:
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
-    targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
+    with record_function("data"):  # the labels `recipe.profile` splits a step by
+        batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
+        targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     for batch in batches:
-        loss = loss_sum(run.model, batch.to(run.device))
-        (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
+        with record_function("forward"):
+            loss = loss_sum(run.model, batch.to(run.device))
+        with record_function("backward"):
+            (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
         total += loss.detach()
-    grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": total * (world / targets), "grad_norm": grad_norm, "lr": lr,
             "targets": targets}
 
@@ -183,6 +188,7 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
     t0, eval_loss, eval_seconds = time.perf_counter(), None, 0.0
     for step in range(start, config.steps):
         record = train_step(run, config, step)
+        profile.step_done()
         pending.append(record)
         last, save = step + 1 == config.steps, (step + 1) % config.save_every == 0 and step + 1 < config.steps
         if (step + 1) % config.eval_every == 0 or last:

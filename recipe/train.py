@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-gib", type=number(above=0), default=None, help="memory per rank for the plan check")
     p.add_argument("--track-memory", action="store_true", help="count live tensor bytes (slower)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="Chrome trace of a few steps per rank in <out>/profile, and where a step's time goes")
     return p.parse_args(argv)
 
 
@@ -115,7 +117,7 @@ def job_config(args: argparse.Namespace, device: torch.device = torch.device("cp
                      samples=args.samples, tokenizer=args.tokenizer, seq_len=args.seq_len,
                      batch_size=args.batch_size, eval_batches=args.eval_batches,
                      activation_checkpointing=args.activation_checkpointing, resume=args.resume,
-                     memory_gib=args.memory_gib, track_memory=args.track_memory)
+                     memory_gib=args.memory_gib, track_memory=args.track_memory, profile=args.profile)
 
 
 def run(args: argparse.Namespace, on_step: StepCallback | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""benchmarks/e2e.py in quick mode: both stacks run and the side-by-side table prints (no timing checked)."""
+"""benchmarks/e2e.py in quick mode: both stacks run and the side-by-side tables print (no timing checked)."""
 import re
 import subprocess
 import sys
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quick_mode_prints_the_table_with_both_sides(tmp_path):
     for library in ("bitsandbytes", "peft", "transformers"):
         reference(library)
-    result = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--quick", "--device", "cpu", "--dtype", "fp32", "--out",
-                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--quick", "--device", "cpu", "--dtype", "fp32", "--profile",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     header = re.search(r"^\| +\| +ours \| +library \| ours/lib \|$", result.stdout, re.M)
     assert header, result.stdout
@@ -28,3 +28,10 @@ def test_quick_mode_prints_the_table_with_both_sides(tmp_path):
     assert before[0] == pytest.approx(before[1], rel=1e-2)  # the same model and data on both sides
     for side in ("ours", "library"):
         assert (tmp_path / side / "adapter" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / side / "profile" / "rank1.json").is_file()
+    parts = {m[1].strip(): (float(m[2]), float(m[3])) for m in  # --profile: where a step's time goes, both sides
+             re.finditer(r"^\| ([a-z:, ]+?) +\| +([\d.]+) \| +([\d.]+) \|$", result.stdout, re.M)}
+    assert {"compute", "gather", "reduce", "optimizer", "data", "idle", "step"} <= set(parts), parts
+    assert all(sum(side[i] for name, side in parts.items() if name in
+                   ("compute", "gather", "reduce", "optimizer", "data", "idle")) == pytest.approx(parts["step"][i], abs=0.5)
+               for i in (0, 1)), parts
