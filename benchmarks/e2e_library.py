@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from llama.cli import run_command
 from recipe.build import BuildOptions, Built
-from recipe.device import device_peak_mib, init_distributed, reset_device_peak, resolve_device
+from recipe.device import close_distributed, device_peak_mib, init_distributed, reset_device_peak, resolve_device
 from recipe.job import run_job
 from recipe.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from recipe.train import job_config, parse_args
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     try:
         return run_job(job_config(args, device), builder=build_library)
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

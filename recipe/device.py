@@ -63,6 +63,17 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, **extra)
 
 
+def close_distributed() -> None:
+    """The end of a torchrun entry (its ``finally:``): collect garbage, then close the process group.
+
+    A sharded model's hooks hold it in reference cycles, and with it the process group and the handles
+    of finished async all-gathers. Collected now, while torch.distributed is whole -- left to interpreter
+    shutdown, a rank aborted ("terminate called without an active exception") in about 1 run in 4 on a
+    loaded CPU. Then the group is closed, as torch.distributed asks."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
 def default_dtype(device: torch.device) -> str:
     """bf16 on a GPU that has it and on a CPU that multiplies bf16 natively (x86 AVX512-BF16 or AMX),
     else fp32. Measured on a 2-core AMD EPYC with avx512_bf16 (chapter 7): the default run is 1.16x

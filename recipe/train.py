@@ -21,16 +21,14 @@ A user error (a bad flag value, a missing file) prints one ``error:`` line and e
 from __future__ import annotations
 
 import argparse
-import gc
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from llama.cli import Parser, integer, number, run_command
 
 from .build import CHOICES, DEFAULT_MODEL, BuildOptions
-from .device import DEVICES, default_dtype, init_distributed, resolve_device
+from .device import DEVICES, close_distributed, default_dtype, init_distributed, resolve_device
 from .job import DTYPES, JobConfig, run_job
 from .loop import LoopConfig, StepCallback
 from .instruct.templates import BUILTIN
@@ -137,13 +135,7 @@ def cli(argv=None, on_step: StepCallback | None = None) -> None:
     try:
         run_command(lambda argv: main(argv, on_step), argv)
     finally:
-        # The sharded model's hooks hold it in reference cycles, and with it the process group and the
-        # handles of finished async all-gathers. Collect them now, while torch.distributed is whole: left
-        # to interpreter shutdown, a rank aborted ("terminate called without an active exception") in
-        # about 1 run in 4 on a loaded CPU. Then close the group, as torch.distributed asks.
-        if dist.is_initialized():
-            gc.collect()
-            dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":
