@@ -33,7 +33,7 @@ import torch.distributed as dist
 import llama
 from llama.cli import Parser, integer, run_command
 import sharding
-from recipe.device import init_distributed, resolve_device
+from recipe.device import close_distributed, init_distributed, resolve_device
 
 from . import timed
 
@@ -200,19 +200,20 @@ def main(argv=None):
 
     device = resolve_device("auto")
     init_distributed(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    warm_up_process(device)
-    results = {}
-    for _ in range(args.rounds):  # interleaved rounds, best of each: less at the mercy of a busy machine
-        for config in CONFIGS:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, run(config, args, device, rank, world))
-            if config not in results or max(r["ms"] for r in everyone) < max(r["ms"] for r in results[config]):
-                results[config] = everyone
-    if rank == 0:
-        print_table(results, args, world, device)
-    gc.collect()  # the models' hook cycles first, while the group is whole (see the end of recipe/train.py)
-    dist.destroy_process_group()
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        warm_up_process(device)
+        results = {}
+        for _ in range(args.rounds):  # interleaved rounds, best of each: less at the mercy of a busy machine
+            for config in CONFIGS:
+                everyone = [None] * world
+                dist.all_gather_object(everyone, run(config, args, device, rank, world))
+                if config not in results or max(r["ms"] for r in everyone) < max(r["ms"] for r in results[config]):
+                    results[config] = everyone
+        if rank == 0:
+            print_table(results, args, world, device)
+    finally:
+        close_distributed()  # the models' hook cycles collected while the group is whole, then closed
 
 
 if __name__ == "__main__":
