@@ -80,6 +80,8 @@ class LoRALinear(nn.Module):
     def _initial_magnitude(self) -> torch.Tensor:
         """DoRA's m at step 0: ``||W||_c`` (B = 0). A zero row would make the gain m / ||.|| = 0 / 0."""
         norm = self.weight_norm()
+        if norm.device.type == "meta":  # a model built on meta (export, layer-by-layer loading): no values yet
+            return norm
         if not torch.isfinite(norm).all() or (norm == 0).any():
             rows = torch.nonzero(~torch.isfinite(norm) | (norm == 0)).flatten()[:5].tolist()
             raise ValueError(f"dora=True needs a finite, non-zero norm for every output row of the base weight; "
