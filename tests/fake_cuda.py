@@ -199,7 +199,7 @@ def train_on_cpu(offload: bool, out: str, grad_accum: int = 2, steps: int = 2) -
         steps_seen.append(rec.report())
         return record
 
-    argv = ["--device", "cpu", "--dtype", "fp32", "--steps", str(steps), "--grad-accum", str(grad_accum),
+    argv = ["--data", "pydoc", "--device", "cpu", "--dtype", "fp32", "--steps", str(steps), "--grad-accum", str(grad_accum),
             "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--no-progress", "--out", out]
     with mock.patch.object(recipe.loop, "train_step", recorded_step):
         train.main(argv + (["--offload"] if offload else []))

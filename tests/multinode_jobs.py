@@ -8,24 +8,36 @@ import and the rendezvous once for all jobs). Around each job, ``sharding.count_
 open and ``on_step`` writes down the running totals after every step; rank r writes them to
 ``OUT/<i>-<name>.rank<r>.json`` (a list, one {"group/collective": bytes} per step), and rank 0 copies
 the job's ``metrics.jsonl`` to ``OUT/<i>-<name>.metrics.jsonl`` (a later job may resume into the same
-directory and rewrite it).
+directory and rewrite it). Each job logs every step (``LoopConfig.log_every = 1``), so ``on_step`` runs
+right after its step and the totals it writes are those of that step, not of a later one.
 """
+import dataclasses
 import gc
 import json
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch.distributed as dist
 
+import recipe.job
 import sharding
 from recipe.train import main
+
+loop_train = recipe.job.train
+
+
+def train_logging_every_step(run, config, *args):
+    """``recipe.loop.train`` with ``log_every=1``: ``on_step`` after every step, not at the next log."""
+    return loop_train(run, dataclasses.replace(config, log_every=1), *args)
 
 
 def run_jobs(out: Path, jobs: list, flags: list[str]) -> None:
     for index, (name, extra) in enumerate(jobs):
         totals = []
-        with sharding.count_collective_bytes() as counted:
+        logging_every_step = mock.patch.object(recipe.job, "train", train_logging_every_step)
+        with sharding.count_collective_bytes() as counted, logging_every_step:
             main([*flags, *extra, "--out", str(out / name)],
                  on_step=lambda record: totals.append({f"{g}/{c}": n for (g, c), n in counted.bytes.items()}))
         (out / f"{index}-{name}.rank{dist.get_rank()}.json").write_text(json.dumps(totals))

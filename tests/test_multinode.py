@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--dtype", "fp32", "--seq-len", "16", "--eval-batches", "1", "--no-progress", "--steps", "4",
+FLAGS = ["--data", "pydoc", "--dtype", "fp32", "--seq-len", "16", "--eval-batches", "1", "--no-progress", "--steps", "4",
          "--eval-every", "4", "--save-every", "2"]
 TIMEOUT_S = 300
 
