@@ -33,7 +33,7 @@ from llama.training import warmup_cosine
 from . import checkpoint, profile
 from .data import Batch, Sampler
 from .device import collective_device, device_peak_mib
-from .instruct.loss import count_targets, global_target_count, token_losses
+from .instruct.loss import global_target_count, target_tokens, token_losses
 from .memory import peak_rss_bytes
 from .twins import TrainableModel
 
@@ -86,24 +86,19 @@ def loss_sum(model: TrainableModel, batch: Batch) -> torch.Tensor:
     return token_losses(model.forward(**inputs)[0], labels).sum()
 
 
-def all_sum(*values: float) -> list[float]:
-    """Python numbers summed over all ranks (one all-reduce)."""
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.device | None = None) -> float:
     """Held-out loss per target token over ``batches`` and all ranks (the sum of token losses over their
     count), in eval mode: no dropout, so no random numbers are drawn and evaluating does not change the run."""
-    was_training, total, count = model.model.training, 0.0, 0
+    was_training = model.model.training
+    sums = torch.zeros(2, dtype=torch.float64, device=collective_device())  # [loss sum, target count]
     model.model.eval()
     for batch in batches:
-        total += loss_sum(model, batch if device is None else batch.to(device)).item()
-        count += count_targets(batch.labels)
+        batch = batch if device is None else batch.to(device)
+        sums += torch.stack([loss_sum(model, batch).double(), target_tokens(batch.labels).double()]).to(sums.device)
     model.model.train(was_training)
-    total, count = all_sum(total, count)
+    dist.all_reduce(sums)
+    total, count = sums.tolist()  # the one host sync of an evaluation
     if count == 0:
         raise ValueError("the held-out batches hold no target tokens")
     return total / count

@@ -200,7 +200,7 @@ def train_on_cpu(offload: bool, out: str, grad_accum: int = 2, steps: int = 2) -
         return record
 
     argv = ["--device", "cpu", "--dtype", "fp32", "--steps", str(steps), "--grad-accum", str(grad_accum),
-            "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--no-progress", "--out", out]
+            "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--no-progress", "--data", "pydoc", "--out", out]
     with mock.patch.object(recipe.loop, "train_step", recorded_step):
         train.main(argv + (["--offload"] if offload else []))
     return {"steps": steps_seen, "metrics": (Path(out) / "metrics.jsonl").read_text().splitlines()}

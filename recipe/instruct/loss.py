@@ -30,9 +30,15 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(labels.shape[0], -1)
 
 
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Target tokens of a batch, as a 0-d tensor on the labels' device (no host sync): labels other than
+    -100, the first position excluded (never predicted)."""
+    return (labels[:, 1:] != -100).sum()
+
+
 def count_targets(labels: torch.Tensor) -> int:
-    """Target tokens of a batch: labels other than -100, the first position excluded (never predicted)."""
-    return int((labels[:, 1:] != -100).sum())
+    """`target_tokens` as a Python number."""
+    return int(target_tokens(labels))
 
 
 def global_target_count(labels_per_micro_batch: list[torch.Tensor], group=None) -> int:
