@@ -33,7 +33,7 @@ from llama.training import warmup_cosine
 from . import checkpoint, profile
 from .data import Batch, Sampler
 from .device import collective_device, device_peak_mib
-from .instruct.loss import global_target_count, target_tokens, token_losses
+from .instruct.loss import global_targets, target_tokens, token_losses
 from .memory import peak_rss_bytes
 from .twins import TrainableModel
 
@@ -107,19 +107,19 @@ def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.devi
 def train_step(run: Run, config: LoopConfig, step: int) -> dict:
     """One optimizer step; returns its metrics. "loss" (this rank's token-loss sum times world / N, so that
     `to_numbers`' mean over ranks is the loss per target token of the global batch) and "grad_norm" are
-    still tensors on the device; the target count N is the step's one sync, before the micro-batches."""
+    "targets" (N) are still tensors on the device: a step reads no number (`to_numbers` does)."""
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     with record_function("data"):  # the labels `recipe.profile` splits a step by
         batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
-        targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
+        targets, world = global_targets([batch.labels for batch in batches]).to(run.device), dist.get_world_size()
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     for batch in batches:
         with record_function("forward"):
             loss = loss_sum(run.model, batch.to(run.device))
         with record_function("backward"):
-            (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
+            (loss / (targets / world).to(loss.dtype)).backward()  # divided, as a mean reduction divides
         total += loss.detach()
     with record_function("optimizer"):
         grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
@@ -130,15 +130,19 @@ def train_step(run: Run, config: LoopConfig, step: int) -> dict:
 
 
 def to_numbers(records: list[dict]) -> None:
-    """Replace the tensors "loss" (then averaged over ranks) and "grad_norm" (the same on every rank) of
-    ``records`` by Python numbers: one all-reduce and one host sync for all of them, the only place the
-    training loop waits for the device."""
+    """Replace the tensors "loss" (then averaged over ranks), "grad_norm" and "targets" (the same on every
+    rank) of ``records`` by Python numbers: one all-reduce and one host sync for all of them, the only place
+    the training loop waits for the device. ValueError when a step's global batch held no target token."""
     losses = torch.stack([r["loss"] for r in records]).to(collective_device(), torch.float64)
     dist.all_reduce(losses)
     norms = torch.stack([r["grad_norm"].detach().reshape(()) for r in records]).to(losses.device, torch.float64)
-    values = torch.stack([losses / dist.get_world_size(), norms]).tolist()  # the host sync
-    for record, loss, norm in zip(records, *values):
-        record["loss"], record["grad_norm"] = loss, norm
+    targets = torch.stack([r["targets"] for r in records]).to(losses.device, torch.float64)
+    values = torch.stack([losses / dist.get_world_size(), norms, targets]).tolist()  # the host sync
+    for record, loss, norm, count in zip(records, *values):
+        if count == 0:
+            raise ValueError(f"step {record['step']}: the global batch has no target tokens: every example was "
+                             "prompt only or truncated away")
+        record["loss"], record["grad_norm"], record["targets"] = loss, norm, int(count)
 
 
 def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:
