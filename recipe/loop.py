@@ -33,7 +33,7 @@ from llama.training import warmup_cosine
 from . import checkpoint, profile
 from .data import Batch, Sampler
 from .device import collective_device, device_peak_mib
-from .instruct.loss import count_targets, global_target_count, token_losses
+from .instruct.loss import global_targets, target_tokens, token_losses
 from .memory import peak_rss_bytes
 from .twins import TrainableModel
 
@@ -86,24 +86,19 @@ def loss_sum(model: TrainableModel, batch: Batch) -> torch.Tensor:
     return token_losses(model.forward(**inputs)[0], labels).sum()
 
 
-def all_sum(*values: float) -> list[float]:
-    """Python numbers summed over all ranks (one all-reduce)."""
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.device | None = None) -> float:
     """Held-out loss per target token over ``batches`` and all ranks (the sum of token losses over their
     count), in eval mode: no dropout, so no random numbers are drawn and evaluating does not change the run."""
-    was_training, total, count = model.model.training, 0.0, 0
+    was_training = model.model.training
+    sums = torch.zeros(2, dtype=torch.float64, device=collective_device())  # [loss sum, target count]
     model.model.eval()
     for batch in batches:
-        total += loss_sum(model, batch if device is None else batch.to(device)).item()
-        count += count_targets(batch.labels)
+        batch = batch if device is None else batch.to(device)
+        sums += torch.stack([loss_sum(model, batch).double(), target_tokens(batch.labels).double()]).to(sums.device)
     model.model.train(was_training)
-    total, count = all_sum(total, count)
+    dist.all_reduce(sums)
+    total, count = sums.tolist()  # the one host sync of an evaluation
     if count == 0:
         raise ValueError("the held-out batches hold no target tokens")
     return total / count
@@ -112,38 +107,43 @@ def evaluate(model: TrainableModel, batches: Iterable[Batch], device: torch.devi
 def train_step(run: Run, config: LoopConfig, step: int) -> dict:
     """One optimizer step; returns its metrics. "loss" (this rank's token-loss sum times world / N, so that
     `to_numbers`' mean over ranks is the loss per target token of the global batch) and "grad_norm" are
-    still tensors on the device; the target count N is the step's one sync, before the micro-batches."""
+    "targets" (N) are still tensors on the device: a step reads no number (`to_numbers` does)."""
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     with record_function("data"):  # the labels `recipe.profile` splits a step by
         batches = [run.sampler.next_batch() for _ in range(config.grad_accum)]
-        targets, world = global_target_count([batch.labels for batch in batches]), dist.get_world_size()
+        targets, world = global_targets([batch.labels for batch in batches]).to(run.device), dist.get_world_size()
+        divisor = targets.clamp(min=1)  # no target at all: zero gradients, no NaN step; `to_numbers` then refuses it
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     for batch in batches:
         with record_function("forward"):
             loss = loss_sum(run.model, batch.to(run.device))
         with record_function("backward"):
-            (loss / (targets / world)).backward()  # divided, as a mean reduction divides: same rounding
+            (loss / (divisor / world).to(loss.dtype)).backward()  # divided, as a mean reduction divides
         total += loss.detach()
     with record_function("optimizer"):
         grad_norm = run.model.clip_grad_norm_(config.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": total * (world / targets), "grad_norm": grad_norm, "lr": lr,
+    return {"step": step + 1, "loss": total * (world / divisor), "grad_norm": grad_norm, "lr": lr,
             "targets": targets}
 
 
 def to_numbers(records: list[dict]) -> None:
-    """Replace the tensors "loss" (then averaged over ranks) and "grad_norm" (the same on every rank) of
-    ``records`` by Python numbers: one all-reduce and one host sync for all of them, the only place the
-    training loop waits for the device."""
+    """Replace the tensors "loss" (then averaged over ranks), "grad_norm" and "targets" (the same on every
+    rank) of ``records`` by Python numbers: one all-reduce and one host sync for all of them, the only place
+    the training loop waits for the device. ValueError when a step's global batch held no target token."""
     losses = torch.stack([r["loss"] for r in records]).to(collective_device(), torch.float64)
     dist.all_reduce(losses)
     norms = torch.stack([r["grad_norm"].detach().reshape(()) for r in records]).to(losses.device, torch.float64)
-    values = torch.stack([losses / dist.get_world_size(), norms]).tolist()  # the host sync
-    for record, loss, norm in zip(records, *values):
-        record["loss"], record["grad_norm"] = loss, norm
+    targets = torch.stack([r["targets"] for r in records]).to(losses.device, torch.float64)
+    values = torch.stack([losses / dist.get_world_size(), norms, targets]).tolist()  # the host sync
+    for record, loss, norm, count in zip(records, *values):
+        if count == 0:
+            raise ValueError(f"step {record['step']}: the global batch has no target tokens: every example was "
+                             "prompt only or truncated away")
+        record["loss"], record["grad_norm"], record["targets"] = loss, norm, int(count)
 
 
 def save_checkpoint(run: Run, config: LoopConfig, step: int) -> Path:

@@ -17,9 +17,10 @@ from .batching import ExampleRows, batches, collate, fit_length, pack
 from .dataset import InstructData, load_instruct
 from .encode import Encoded, TextEncoder, encode_example, special_tokens
 from .jsonl import read_jsonl
-from .loss import count_targets, global_target_count, scaled_loss, token_losses
+from .loss import count_targets, global_target_count, global_targets, scaled_loss, target_tokens, token_losses
 from .templates import BUILTIN, ChatTemplate, load_template
 
 __all__ = ["read_jsonl", "BUILTIN", "ChatTemplate", "load_template", "Encoded", "TextEncoder", "encode_example",
            "special_tokens", "Batch", "ExampleRows", "batches", "collate", "fit_length", "pack", "count_targets",
-           "global_target_count", "scaled_loss", "token_losses", "InstructData", "load_instruct"]
+           "target_tokens", "global_targets", "global_target_count", "scaled_loss", "token_losses", "InstructData",
+           "load_instruct"]

@@ -30,17 +30,30 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(labels.shape[0], -1)
 
 
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Target tokens of a batch, as a 0-d tensor on the labels' device (no host sync): labels other than
+    -100, the first position excluded (never predicted)."""
+    return (labels[:, 1:] != -100).sum()
+
+
 def count_targets(labels: torch.Tensor) -> int:
-    """Target tokens of a batch: labels other than -100, the first position excluded (never predicted)."""
-    return int((labels[:, 1:] != -100).sum())
+    """`target_tokens` as a Python number."""
+    return int(target_tokens(labels))
 
 
-def global_target_count(labels_per_micro_batch: list[torch.Tensor], group=None) -> int:
-    """N: this rank's target tokens over its micro-batches of the step, summed over all ranks."""
-    count = torch.tensor(sum(count_targets(labels) for labels in labels_per_micro_batch), dtype=torch.float64)
+def global_targets(labels_per_micro_batch: list[torch.Tensor], group=None) -> torch.Tensor:
+    """N as a float64 0-d tensor, without a host sync: this rank's target tokens over its micro-batches of
+    the step, summed over all ranks (on the collective device when a process group is up)."""
+    count = sum(target_tokens(labels) for labels in labels_per_micro_batch).to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         count = count.to(collective_device())  # NCCL reduces only GPU tensors
         dist.all_reduce(count, group=group)
+    return count
+
+
+def global_target_count(labels_per_micro_batch: list[torch.Tensor], group=None) -> int:
+    """`global_targets` as a Python number (one host sync); ValueError when it is 0."""
+    count = global_targets(labels_per_micro_batch, group)
     if count == 0:
         raise ValueError("the global batch has no target tokens: every example was prompt only or truncated away")
     return int(count)
