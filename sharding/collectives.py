@@ -92,24 +92,6 @@ def reduce_scatter_sum(mine: torch.Tensor, full: torch.Tensor, group):
     return _reduce_scatter_flat(mine, full, group=group, async_op=True)
 
 
-class InFlight:
-    """Collectives issued and not yet waited for, each with what to run once it completes (a model's
-    gradient reduce-scatters: each one overlaps the backward compute of the unit before it)."""
-
-    def __init__(self):
-        self._items = []
-
-    def add(self, work, then) -> None:
-        self._items.append((work, then))
-
-    def finish(self) -> None:
-        """Wait for each, in the order issued, and run its ``then()``."""
-        while self._items:
-            work, then = self._items.pop(0)
-            work.wait()
-            then()
-
-
 def all_reduce_sum(tensor: torch.Tensor, group, role: str) -> None:
     """Sum ``tensor`` in place over ``group`` ("shard" or "replicate", for the counter)."""
     _count(role, "all_reduce", tensor)

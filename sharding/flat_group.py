@@ -19,12 +19,9 @@ frozen tensors plus one per dtype of its trainable tensors (usually one).
 
 A trainable group keeps its slice as an fp32 *master* ``nn.Parameter``: that is what the optimizer
 steps. ``full`` is then an autograd leaf and the module's parameters are views of it, so autograd
-itself assembles the whole flat gradient in ``full.grad``; a post-accumulate-grad hook issues its
-reduce-scatter over the shard group (summed) and returns, so the collective runs while backward computes
-the unit before. That unit's group finishes it just before concatenating its own gradient (at most one
-unit's gradient in flight; the end of backward finishes the last): all-reduce the slice over the replicate
-group under hybrid sharding, divide by the number of data-parallel ranks (the average of plain data
-parallelism), add it to the master's gradient.
+itself assembles the whole flat gradient in ``full.grad``; a post-accumulate-grad hook reduce-scatters
+it over the shard group (summed), all-reduces the slice over the replicate group under hybrid sharding,
+and divides by the number of data-parallel ranks: the average of plain data parallelism.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -73,11 +70,10 @@ class FlatGroup:
     """The sharded storage of one group of one unit, and its gather / free / reduce."""
 
     def __init__(self, name, tensors, slots, *, trainable, layout, device, compute_dtype, reduce_dtype,
-                 reductions, offload=None):
+                 offload=None):
         self.name, self.slots, self.trainable, self.layout = name, slots, trainable, layout
         self.rank, self.world = layout.shard_rank, layout.shard_size
         self.device, self.reduce_dtype, self.offload = device, reduce_dtype, offload
-        self.reductions = reductions  # the model's reduce-scatters in flight (shared by its groups)
         self.dtype = tensors[0].dtype if trainable else torch.uint8  # the flat buffer's dtype
         end = slots[-1].offset + slots[-1].span
         self.padded_numel = -(-end // self.world) * self.world  # ceil to a multiple of world
@@ -205,11 +201,8 @@ class FlatGroup:
         """Backward of the split into views is about to concatenate the views' gradients into ``full.grad``.
         Every node that used these parameters has run (each produced its parameter's gradient), so the
         gathered values are dead: free them before the concatenation allocates a whole-size gradient,
-        instead of at the unit's post-backward (as FSDP2 reshards before it reduce-scatters). The
-        reduce-scatter still in flight (the unit after this one, which overlapped this one's compute) is
-        finished here too, so at most one unit's gradient is ever being summed."""
+        instead of at the unit's post-backward (as FSDP2 reshards before it reduce-scatters)."""
         self.free()
-        self.reductions.finish()
 
     def point_module_at_placeholders(self) -> None:
         """While freed, attributes hold meta tensors: shape and dtype readable, values refused (no dangling views)."""
@@ -222,24 +215,18 @@ class FlatGroup:
 
     # ------------------------------------------------------------------ gradients
     def reduce_scatter_grad(self) -> None:
-        """Issue the sum of ``full.grad`` (in reduce_dtype) over the shard group and return: backward goes on
-        with the unit before this one while the collective runs; ``_finish_reduction`` then completes it."""
+        """Average ``full.grad`` over every data-parallel rank in reduce_dtype, keep our slice, add it to
+        ``master.grad`` (with offload: after its device-to-host copy lands, at the end of backward)."""
         log.debug("rank %d reduce-scatter %s grad (%s)", self.rank, self.name,
                   str(self.reduce_dtype).replace("torch.", ""))
+        layout = self.layout
         with torch.no_grad():
             grad = self.full.grad.to(self.reduce_dtype)
             self.full.grad = None
             mine = torch.empty(self.shard_numel, dtype=self.reduce_dtype, device=self.device)
-            work = reduce_scatter_sum(mine, grad, self.layout.shard_group)
-            del grad  # dead once issued (as FSDP2 frees it): the backend keeps what it still needs
-        self.reductions.add(work, then=lambda: self._finish_reduction(mine))
-
-    def _finish_reduction(self, mine: torch.Tensor) -> None:
-        """``mine`` holds our slice of the sum: average it over every data-parallel rank (all-reducing it over
-        the replicas first under hybrid sharding) and add it to ``master.grad`` (with offload: after its
-        device-to-host copy lands, at the end of backward)."""
-        layout = self.layout
-        with torch.no_grad():
+            work = reduce_scatter_sum(mine, grad, layout.shard_group)
+            del grad  # the whole-size gradient is dead once issued (as FSDP2 frees it): not alive during the sum
+            work.wait()
             if layout.replicate_size > 1:  # hybrid: the replicas of this slice sum their partial sums
                 all_reduce_sum(mine, layout.replicate_group, "replicate")
             mine.div_(layout.data_parallel_size)

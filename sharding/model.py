@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .collectives import InFlight, check_layout, check_ranks_agree, log
+from .collectives import check_layout, check_ranks_agree, log
 from .flat_group import FlatGroup, lay_out
 from .groups import resolve_layout
 from .offload import HostOffload
@@ -44,7 +44,6 @@ class ShardedModel:
         self.forward_order: list[ShardedUnit] = []
         self._order_final = False
         self.in_backward = False
-        self.reductions = InFlight()  # gradient reduce-scatters issued, not yet finished
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -91,11 +90,9 @@ class ShardedModel:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _finish_backward(self) -> None:
-        """End of backward: finish the reduce-scatter still in flight, free what is still gathered (units
-        whose inputs needed no gradient, the root) and, with offload, wait for the gradients' device-to-host
-        copies."""
+        """End of backward: free what is still gathered (units whose inputs needed no gradient, the root)
+        and, with offload, wait for the gradients' device-to-host copies."""
         log.debug("rank %d end of backward", self.rank)
-        self.reductions.finish()
         for unit in self.units:
             unit.free()
         if self.offload is not None:
@@ -279,7 +276,7 @@ def shard_model(model, units, process_group=None, compute_dtype=None, reduce_dty
             sharded = ShardedModel(model, layout, prefetch, reshard_after_forward, host)
         sharded.units.append(_shard_unit(
             sharded, module, names[id(module)], members, layout=layout, device=device or torch.device("cpu"),
-            compute_dtype=compute_dtype, reduce_dtype=reduce_dtype, reductions=sharded.reductions, offload=host))
+            compute_dtype=compute_dtype, reduce_dtype=reduce_dtype, offload=host))
         del members  # nothing here references the unit's full tensors now: they are freed before the next
     device = device or torch.device("cpu")
     check_ranks_agree("\n".join(description), layout.shard_group, device)

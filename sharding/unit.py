@@ -11,9 +11,8 @@
     post-backward (autograd Function wrapped  every gradient w.r.t. the unit's inputs exists, so its
                    around the unit's inputs)  backward is done: free the buffers again
 
-The reduce-scatter is not here: each trainable FlatGroup issues it from a post-accumulate-grad hook on
-its flat leaf, the moment autograd has finished that group's gradient, and the next group to reach its
-own gradient finishes it (see flat_group.py).
+The reduce-scatter is not here: each trainable FlatGroup does it from a post-accumulate-grad hook on
+its flat leaf, the moment autograd has finished that group's gradient (see flat_group.py).
 A unit whose outputs need no gradient (a frozen embedding fed token ids) has no backward: it is
 never gathered, nor prefetched, for backward. Only module hooks and autograd hooks are used; torch
 itself is not patched.
