@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -88,8 +89,8 @@ def _train(built, out: Path, events: list) -> dict:
         return call
 
     heldout = [Batch.of_text(torch.randint(0, 256, (BATCH, SEQ_LEN), device="cuda:0"))]
-    run = recipe.loop.Run(built.trainable, torch.optim.AdamW(built.parameters, lr=1e-3, weight_decay=0.0, foreach=True),
-                          HostSampler(), lambda: heldout, built.device, rank=0,
+    optimizer = torch.optim.AdamW(built.parameters, lr=1e-3, weight_decay=0.0, foreach=True)
+    run = recipe.loop.Run(built.trainable, optimizer, HostSampler(), lambda: heldout, built.device, rank=0,
                           tokens_per_step=2 * BATCH * SEQ_LEN * GRAD_ACCUM, fingerprint={})
     config = recipe.loop.LoopConfig(steps=STEPS, grad_accum=GRAD_ACCUM, out=out, progress=False)
     with mock.patch.object(recipe.loop, "train_step", recorded(steps, real_step)), \
@@ -119,6 +120,8 @@ def fake_cuda_run(offload: bool, checkpointing: bool, mistakes: bool) -> dict:
                mock.patch("torch.distributed.get_backend", lambda group=None: "nccl"),
                mock.patch.object(llama, "iter_checkpoint", _host_reads(llama.iter_checkpoint))]
     with contextlib.ExitStack() as stack, FakeTensorMode(allow_non_fake_inputs=True):
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always")
         for patch in patches:
             stack.enter_context(patch)
         with Recorder("cuda:0", host_ok=True) as rec:
@@ -145,6 +148,7 @@ def fake_cuda_run(offload: bool, checkpointing: bool, mistakes: bool) -> dict:
         result["adapter"] = {**rec.report(),
                              "tensors": sorted({f"{t.dtype}@{t.device}" for t in adapter.values()})}
     result["event_waits"], result["pinned_arenas"] = len(events), cudart.cudaHostRegister.call_count
+    result["warnings"] = [str(w.message) for w in caught]
     return result
 
 

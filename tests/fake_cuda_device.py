@@ -63,7 +63,8 @@ def build_library() -> str:
 
 def preload_env(library: str) -> dict:
     """The environment of a process whose torch finds the fake CUDA device from its start."""
-    return {"LD_PRELOAD": library, "LD_LIBRARY_PATH": str(Path(torch.__file__).parent / "lib")}
+    libraries = [str(Path(torch.__file__).parent / "lib"), os.environ.get("LD_LIBRARY_PATH", "")]
+    return {"LD_PRELOAD": library, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, libraries))}
 
 
 def check_preloaded() -> None:

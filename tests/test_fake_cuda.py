@@ -23,6 +23,7 @@ Not covered, because fake tensors or a CPU build cannot run them:
 - two ranks' data (rank 0's view of a 2-rank group: the collectives return rank 0's own values);
 - anything about time or memory: overlap of the copy stream, allocator fragmentation, real peaks.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_cuda_device import preload_env  # noqa: E402
@@ -48,12 +50,12 @@ MAX_STEP_OPS = {False: 15000, True: 21000}  # by activation checkpointing
 # layers x frozen + trainable, lm_head), each backward every unit but the embedding, which has no
 # backward, and the root, still gathered (13). Offload and checkpointing add none.
 STEP_GATHERS = 2 * (15 + 13)
-# The work a step does on host tensors by design: counting the labels' target tokens (the batch is on the
-# host until the step copies it) and AdamW's step counters (CPU tensors in torch); with --offload the
-# fp32 gradient shards are accumulated, clipped and stepped on the host.
-HOST_WORK = {"recipe/instruct/loss.py:target_tokens", "recipe/instruct/loss.py:global_targets",
-             "optim/adam.py:_init_group", "optim/adam.py:_multi_tensor_adam"}
-OFFLOAD_HOST_WORK = HOST_WORK | {"sharding/flat_group.py:_accumulate", "sharding/state.py:clip_grad_norm_"}
+# The code that may work on host tensors in a step ("file:function", or its start), by design: counting
+# the labels' target tokens (the batch is on the host until the step copies it) and AdamW's step counters
+# (CPU tensors in torch); with --offload the fp32 gradient shards are accumulated, clipped and stepped on
+# the host.
+HOST_WORK = ("recipe/instruct/loss.py:target_tokens", "recipe/instruct/loss.py:global_targets", "optim/adam")
+OFFLOAD_HOST_WORK = (*HOST_WORK, "sharding/flat_group.py:_accumulate", "sharding/state.py:clip_grad_norm_")
 STEPS, LOG_FIELDS = 2, 3  # the log reads loss, grad_norm and targets of each step
 
 
@@ -63,6 +65,8 @@ def fake_cuda_library() -> str:
     what torch reports about CUDA)."""
     if shutil.which("c++") is None:
         pytest.skip("the fake CUDA device is compiled: it needs a C++ compiler")
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch has the real device guard and hooks: fake CUDA is for CPU-only builds")
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "fake_cuda.py"), "build"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,12 +81,13 @@ def _run(library: str, **options) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_on_device(phases: dict, host_work: set = frozenset()) -> None:
+def check_on_device(phases: dict, host_work: tuple = ()) -> None:
     """Raise AssertionError naming the first op that saw a tensor off the device, host work outside
     ``host_work``, or a collective NCCL refuses."""
     for name, phase in phases.items():
         assert not phase["wrong"], f"{name}: ops off cuda:0: {phase['wrong']}"
-        assert set(phase["host"]) <= host_work, f"{name}: ops on host tensors: {phase['host']}"
+        unexpected = {source: n for source, n in phase["host"].items() if not source.startswith(host_work)}
+        assert not unexpected, f"{name}: ops on host tensors: {unexpected}"
         for collective in phase["collectives"]:
             dtype, device = collective.split("@")
             assert device == "cuda:0" and dtype in NCCL_DTYPES, f"{name}: NCCL cannot take a {collective} tensor"
@@ -120,6 +125,9 @@ def test_gpu_path_on_fake_cuda(fake_cuda_library, offload, checkpointing):
     assert train["loop"]["scalar_sources"] == {"recipe/loop.py:evaluate": 2}  # the last step's evaluation
     assert result["event_waits"] == sum(step["event_waits"] for step in steps)
     assert result["pinned_arenas"] == int(offload)           # offload page-locks one exact arena per rank
+    # No GPU driver for Triton: dequantize falls back to PyTorch with one warning, not one per call
+    fallbacks = [w for w in result["warnings"] if "Triton" in w]
+    assert len(fallbacks) == (importlib.util.find_spec("triton") is not None), fallbacks
     assert all(isinstance(json.loads(line)["loss"], float) for line in train["metrics"])
 
 
