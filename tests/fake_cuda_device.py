@@ -13,8 +13,8 @@ What a CPU-only torch allows (torch 2.13, measured while writing this file):
   so torch.cuda's stream, event and pinning calls are stood in for (`cuda_runtime_stand_ins`).
 
 `Recorder` sees every aten op and every c10d collective as it is dispatched. It answers the ops whose
-result needs real data (``.item()``, ``bincount``) with placeholders and counts those on a CUDA tensor:
-each is a host sync on a GPU.
+result needs real data (``.item()``, ``bincount``) with placeholders and counts those on a CUDA tensor,
+and every blocking device-to-host copy: each is a host sync on a GPU.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_leaves
 ROOT = Path(__file__).resolve().parents[1]
 # Host <-> device copies, the only ops that may mix devices; lift_fresh is torch.tensor(data, device=...)
 # staging its Python numbers on the host before the copy.
-TRANSFERS = {"aten::_to_copy", "aten::copy_", "aten::lift_fresh"}
+COPIES = {"aten::_to_copy", "aten::copy_"}
+TRANSFERS = COPIES | {"aten::lift_fresh"}
 SOURCE = r"""
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/core/impl/FakeGuardImpl.h>
@@ -86,7 +87,8 @@ def caller() -> str:
 
 
 class Recorder(TorchDispatchMode):
-    """Counts ops, host syncs and collectives; notes every op that sees a tensor off ``device``.
+    """Counts ops, host syncs, collectives and host <-> device copies; notes every op that sees a tensor
+    off ``device``.
 
     An op that mixes devices, other than a copy, is always wrong. Ops on host tensors alone are allowed
     with ``host_ok`` (loading streams the checkpoint through the host); otherwise each is filed under
@@ -97,13 +99,15 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.device, self.host_ok = torch.device(device), host_ok
         self.ops, self.syncs, self.scalar_reads = 0, 0, 0
-        self.collectives, self.scalar_sources, self.host, self.wrong, self.collective_ops = (
-            collections.Counter() for _ in range(5))
+        self.collectives, self.scalar_sources, self.host, self.wrong, self.collective_ops, self.copies, self.sync_sources = (
+            collections.Counter() for _ in range(7))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += args[0].device.type == "cuda"
+            if args[0].device.type == "cuda":
+                self.syncs += 1
+                self.sync_sources[caller()] += 1
             self.scalar_reads += 1
             self.scalar_sources[caller()] += 1
             return True if args[0].dtype == torch.bool else (1.0 if args[0].dtype.is_floating_point else 0)
@@ -119,6 +123,13 @@ class Recorder(TorchDispatchMode):
         if name.startswith("prim::"):  # queries (a tensor's device), not kernels
             return out
         self.ops += 1
+        if name in COPIES:  # source -> destination: (input, output) of _to_copy, (src, self) of copy_
+            source, target = (args[0], out) if name == "aten::_to_copy" else (args[1], args[0])
+            self.copies[f"{source.device.type}->{target.device.type}"] += 1
+            blocking = not kwargs.get("non_blocking", args[2] if name == "aten::copy_" and len(args) > 2 else False)
+            if source.device.type == "cuda" and target.device.type == "cpu" and blocking:
+                self.syncs += 1  # the host waits for the copy, so for everything queued before it
+                self.sync_sources[caller()] += 1
         if name in TRANSFERS or not devices - {self.device}:
             return out
         if devices == {torch.device("cpu")}:
@@ -130,9 +141,10 @@ class Recorder(TorchDispatchMode):
 
     def report(self) -> dict:
         return {"ops": self.ops, "syncs": self.syncs, "scalar_reads": self.scalar_reads,
-                "scalar_sources": dict(self.scalar_sources), "collectives": sorted(self.collectives),
+                "scalar_sources": dict(self.scalar_sources), "sync_sources": dict(self.sync_sources), "collectives": sorted(self.collectives),
                 "collective_ops": dict(self.collective_ops),
-                "host": dict(self.host), "wrong": dict(self.wrong)}
+                "host": dict(self.host), "wrong": dict(self.wrong),
+                "copies": {k: n for k, n in self.copies.items() if k in ("cpu->cuda", "cuda->cpu")}}
 
 
 class _Stream:

@@ -11,8 +11,10 @@ copies and their event waits, the optimizer on the host shards) and activation c
 layer's forward recomputed in backward). Every op is recorded: each must see only ``cuda:0`` tensors (a
 copy may cross devices; loading may compute on the host; in a step only the work listed in `HOST_WORK`
 runs on host tensors), every collective gets a CUDA tensor of a dtype NCCL supports, and the host syncs
-(``.item()`` on a CUDA tensor) and ops dispatched (one kernel launch each, or less when fused) are
-bounded: a step syncs nothing, the metrics log once per ``log_every`` steps.
+(``.item()`` on a CUDA tensor, a blocking device-to-host copy), host <-> device copies, all-gathers and
+ops dispatched (one kernel launch each, or less when fused) are counted and bounded: a step syncs
+nothing (with offload: once, for the clipping scale its host optimizer needs), the metrics log once per
+``log_every`` steps.
 
 Not covered, because fake tensors or a CPU build cannot run them:
 - activation checkpointing's CUDA RNG state: torch.cuda is never initialised here, so ``checkpoint``
@@ -35,6 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_cuda import GRAD_ACCUM, STEPS  # noqa: E402
 from fake_cuda_device import preload_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,21 +45,22 @@ NCCL_DTYPES = {"torch.int8", "torch.uint8", "torch.int32", "torch.int64", "torch
                "torch.float32", "torch.float64"}
 # Regression bounds, measured on the bundled model with some headroom (raise them only with a reason). A
 # forward on fake CUDA dispatched 2,940 ops (2,955 with --offload; dequantize by the PyTorch fallback: on a
-# GPU the Triton kernel is one launch per linear); a step of 2 micro-batches 13,224 (13,310 with
-# --offload), 18,590 with --offload and activation checkpointing (each layer's forward once more).
+# GPU the Triton kernel is one launch per linear); a step of 2 micro-batches 13,224 (the first; the next
+# 13,206), 18,580 with --offload and activation checkpointing (each layer's forward once more).
 MAX_FORWARD_OPS = 3400
 MAX_STEP_OPS = {False: 15000, True: 21000}  # by activation checkpointing
 # All-gathers per step, exact: each forward gathers every unit (15: the root's norm, the embedding, 6
 # layers x frozen + trainable, lm_head), each backward every unit but the embedding, which has no
 # backward, and the root, still gathered (13). Offload and checkpointing add none.
 STEP_GATHERS = 2 * (15 + 13)
+TRAINABLE_GROUPS = 6  # one per decoder layer: its LoRA tensors
 # The code that may work on host tensors in a step ("file:function", or its start), by design: counting
 # the labels' target tokens (the batch is on the host until the step copies it) and AdamW's step counters
 # (CPU tensors in torch); with --offload the fp32 gradient shards are accumulated, clipped and stepped on
 # the host.
 HOST_WORK = ("recipe/instruct/loss.py:target_tokens", "recipe/instruct/loss.py:global_targets", "optim/adam")
 OFFLOAD_HOST_WORK = (*HOST_WORK, "sharding/flat_group.py:_accumulate", "sharding/state.py:clip_grad_norm_")
-STEPS, LOG_FIELDS = 2, 3  # the log reads loss, grad_norm and targets of each step
+LOG_FIELDS = 3  # the log reads loss, grad_norm and targets of each step
 
 
 @pytest.fixture(scope="session")
@@ -111,14 +115,21 @@ def test_gpu_path_on_fake_cuda(fake_cuda_library, offload, checkpointing):
 
     assert len(steps) == STEPS and len(train["metrics"]) == STEPS
     for step in steps:
-        assert step["syncs"] == 0, step["scalar_sources"]   # a step never waits for the GPU ...
+        # A step never waits for the GPU, except with offload, whose optimizer steps the host shards: it
+        # reads the clipping scale once (a device-to-host copy) and waits for its gradient copies at the
+        # end of each backward.
+        assert step["sync_sources"] == ({"sharding/state.py:clip_grad_norm_": 1} if offload else {}), step
+        assert (step["event_waits"] > 0) == offload
         assert step["ops"] <= MAX_STEP_OPS[checkpointing]
         collectives = step["collective_ops"]
         assert sum(n for op, n in collectives.items() if "allgather" in op) == STEP_GATHERS, collectives
         assert any("reduce_scatter" in op for op in collectives), collectives  # the gradients, on the device
-        # ... except offload's wait for its gradient copies at the end of each backward (the optimizer
-        # steps the host shards)
-        assert (step["event_waits"] > 0) == offload
+        # Host -> device: each micro-batch's input_ids and labels, and N; with offload also every gathered
+        # shard and the clipping's sum of squares. Device -> host: with offload each group's gradient per
+        # micro-batch and the clipping scale.
+        uploads = 2 * GRAD_ACCUM + 1 + (STEP_GATHERS + 1 if offload else 0)
+        downloads = GRAD_ACCUM * TRAINABLE_GROUPS + 1 if offload else 0
+        assert step["copies"] == {"cpu->cuda": uploads, **({"cuda->cpu": downloads} if offload else {})}
     # ... and the log, at the last step here (log_every is 10): one .tolist() on a GPU, counted per element
     assert len(train["logs"]) == 1 and train["log_every"] > STEPS
     assert train["logs"][0]["scalar_sources"] == {"recipe/loop.py:to_numbers": LOG_FIELDS * STEPS}
