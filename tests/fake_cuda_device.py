@@ -18,10 +18,10 @@ and every blocking device-to-host copy: each is a host sync on a GPU.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import traceback
+from collections import Counter
 from pathlib import Path
 from unittest import mock
 
@@ -99,8 +99,8 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.device, self.host_ok = torch.device(device), host_ok
         self.ops, self.syncs, self.scalar_reads = 0, 0, 0
-        self.collectives, self.scalar_sources, self.host, self.wrong, self.collective_ops, self.copies, self.sync_sources = (
-            collections.Counter() for _ in range(7))
+        self.collectives, self.collective_ops, self.copies = Counter(), Counter(), Counter()
+        self.scalar_sources, self.sync_sources, self.host, self.wrong = Counter(), Counter(), Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -126,8 +126,8 @@ class Recorder(TorchDispatchMode):
         if name in COPIES:  # source -> destination: (input, output) of _to_copy, (src, self) of copy_
             source, target = (args[0], out) if name == "aten::_to_copy" else (args[1], args[0])
             self.copies[f"{source.device.type}->{target.device.type}"] += 1
-            blocking = not kwargs.get("non_blocking", args[2] if name == "aten::copy_" and len(args) > 2 else False)
-            if source.device.type == "cuda" and target.device.type == "cpu" and blocking:
+            non_blocking = args[2] if name == "aten::copy_" and len(args) > 2 else kwargs.get("non_blocking", False)
+            if source.device.type == "cuda" and target.device.type == "cpu" and not non_blocking:
                 self.syncs += 1  # the host waits for the copy, so for everything queued before it
                 self.sync_sources[caller()] += 1
         if name in TRANSFERS or not devices - {self.device}:
@@ -140,9 +140,9 @@ class Recorder(TorchDispatchMode):
         return out
 
     def report(self) -> dict:
-        return {"ops": self.ops, "syncs": self.syncs, "scalar_reads": self.scalar_reads,
-                "scalar_sources": dict(self.scalar_sources), "sync_sources": dict(self.sync_sources), "collectives": sorted(self.collectives),
-                "collective_ops": dict(self.collective_ops),
+        return {"ops": self.ops, "syncs": self.syncs, "sync_sources": dict(self.sync_sources),
+                "scalar_reads": self.scalar_reads, "scalar_sources": dict(self.scalar_sources),
+                "collectives": sorted(self.collectives), "collective_ops": dict(self.collective_ops),
                 "host": dict(self.host), "wrong": dict(self.wrong),
                 "copies": {k: n for k, n in self.copies.items() if k in ("cpu->cuda", "cuda->cpu")}}
 

@@ -22,6 +22,8 @@ Not covered, because fake tensors or a CPU build cannot run them:
 - the Triton dequantize launch (no driver: the PyTorch fallback runs, with its one-line warning);
 - NCCL itself (the fake group only checks what is handed to it), real streams, events and pinned memory,
   and the fused AdamW kernel (the multi-tensor one runs, as the default picks on CUDA);
+- whether a host-to-device copy from pageable memory (each micro-batch, N) makes the host wait for the
+  stream, as CUDA may when it stages such a copy: the copies are counted, not timed;
 - two ranks' data (rank 0's view of a 2-rank group: the collectives return rank 0's own values);
 - anything about time or memory: overlap of the copy stream, allocator fragmentation, real peaks.
 """
