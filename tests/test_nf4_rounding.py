@@ -34,7 +34,8 @@ def ulp_neighbours(values: torch.Tensor) -> torch.Tensor:
     """Each fp32 value and the fp32 numbers one and two ulps on either side of it."""
     down1 = torch.nextafter(values, torch.full_like(values, -2.0))
     up1 = torch.nextafter(values, torch.full_like(values, 2.0))
-    down2, up2 = torch.nextafter(down1, torch.full_like(values, -2.0)), torch.nextafter(up1, torch.full_like(values, 2.0))
+    down2 = torch.nextafter(down1, torch.full_like(values, -2.0))
+    up2 = torch.nextafter(up1, torch.full_like(values, 2.0))
     return torch.cat([down2, down1, values, up1, up2])
 
 
@@ -125,7 +126,8 @@ def test_cuda_rule_edge_cases_follow_the_kernel():
     values read as 0. A reciprocal below 2^-126 is flushed: the block's codes are all 7."""
     w = adversarial_weight()
     start = w.numel() - 37 - 64 - 64 - 128 - 64 - 64  # the mixed block
-    cuda, cpu = nf4.quantize(w, double_quant=False, rounding="cuda"), nf4.quantize(w, double_quant=False, rounding="cpu")
+    cuda = nf4.quantize(w, double_quant=False, rounding="cuda")
+    cpu = nf4.quantize(w, double_quant=False, rounding="cpu")
     cuda_codes, cpu_codes = codes_of(cuda), codes_of(cpu)
     blocks = slice(start // 64, start // 64 + 5)
     assert cuda.absmax[blocks].tolist() == [4 * SMALLEST_NORMAL, 0.0, 0.0, 0.0, 2.0**127]
@@ -221,7 +223,8 @@ def test_double_quant_rules_differ_near_midpoints_only():
 
 
 def test_default_rule_is_the_devices():
-    assert check_rounding(None, torch.device("cpu")) == "cpu" and check_rounding(None, torch.device("cuda", 0)) == "cuda"
+    assert check_rounding(None, torch.device("cpu")) == "cpu"
+    assert check_rounding(None, torch.device("cuda", 0)) == "cuda"
     w = torch.randn(64 * 40)
     assert_same_weight(nf4.quantize(w), nf4.quantize(w, rounding="cpu"))
     assert_same_weight(nf4.quantize_reference(w), nf4.quantize(w, rounding="cpu"))
