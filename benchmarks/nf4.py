@@ -11,8 +11,11 @@ Dequantize is timed two ways for us: into a reused ``out=`` workspace (how ``nf4
 on CPU) and allocating the output each call (as bitsandbytes' CPU backend always does: it has no
 ``out=``). The memory floor is the bytes the operation must move (read the NF4 storage, write the
 dense weight) divided by this machine's copy bandwidth (measured here: read + write of a large
-buffer); "x floor" says how far above it each side is. Then: identical bytes and values (on CUDA,
-byte counts per tensor against bitsandbytes' CUDA kernel, the double-quantized absmax included);
+buffer); "x floor" says how far above it each side is. Then: identical bytes per stored tensor (the NF4
+codes and the double-quantized absmax: its 8-bit codes, nested absmax, offset) and identical dequantized
+values, ours quantized with the rounding rule of the device's bitsandbytes kernel (``nf4/rounding.py``:
+"cpu" against its CPU backend, "cuda" against its CUDA kernel), and how many bytes the other rule would
+change;
 mean squared error on N(0, 1) data for NF4, bitsandbytes' FP4 and the Int4 absmax baseline; storage
 bits per parameter with double quantization (target 4 + 8/64 + 32/16384 = 4.127).
 The CUDA branch is written but not yet run on a GPU.
@@ -66,27 +69,35 @@ def differing_bytes(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int]
     return int((a != b).sum().item()), a.numel()
 
 
-def identity_rows(w, ours_q, bnb_packed, bnb_state):
-    """Per stored tensor: identical yes/no and how many bytes differ (on CUDA: vs bitsandbytes' CUDA kernel)."""
-    pairs = [("packed codes", ours_q.packed, bnb_packed), ("absmax (8-bit codes)", ours_q.absmax, bnb_state.absmax),
+def identity_rows(w, ours_q, bnb_packed, bnb_state, rounding):
+    """Per stored tensor: identical yes/no and how many bytes differ, ours under ``rounding`` vs the bitsandbytes
+    kernel of w's device; then how many NF4 and 8-bit absmax bytes the other rule changes."""
+    kernel = "CUDA kernel" if rounding == "cuda" else "CPU backend"
+    rows = [(f"rounding rule vs bitsandbytes' {kernel}", rounding, kernel, None, "")]
+    pairs = [("NF4 codes", ours_q.packed, bnb_packed),
+             ("double-quant absmax (8-bit codes)", ours_q.absmax, bnb_state.absmax),
              ("nested absmax", ours_q.nested_absmax, bnb_state.state2.absmax),
              ("offset", ours_q.offset.reshape(1), bnb_state.offset.reshape(1))]
-    rows = []
     for name, ours, theirs in pairs:
         diff, total = differing_bytes(ours, theirs)
         rows.append((f"identical bytes: {name}", "yes" if diff == 0 else "no", f"{diff} of {total} differ", None, ""))
     same = torch.equal(ours_q.dequantize(), bnb.functional.dequantize_4bit(bnb_packed, bnb_state).reshape(w.shape))
     rows.append(("identical dequantized values", "yes" if same else "no", "", None, ""))
+    other = "cpu" if rounding == "cuda" else "cuda"
+    other_q = nf4.quantize(w, rounding=other)
+    changed = [differing_bytes(other_q.packed, ours_q.packed)[0], differing_bytes(other_q.absmax, ours_q.absmax)[0]]
+    rows.append((f"{other} rule instead: NF4; 8-bit absmax bytes changed", f"{changed[0]}; {changed[1]}", "-", None, ""))
     return rows
 
 
 def timing_rows(device, shape, repeats):
     torch.manual_seed(0)
     w = torch.randn(shape, dtype=torch.bfloat16, device=device)
-    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w), bnb_quantize(w)
+    rounding = "cuda" if device.type == "cuda" else "cpu"  # the rule of the kernel we compare with
+    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w, rounding=rounding), bnb_quantize(w)
     workspace = torch.empty(shape, dtype=torch.bfloat16, device=device)
     med = interleaved_medians({
-        "ours_q": lambda: nf4.quantize(w), "bnb_q": lambda: bnb_quantize(w),
+        "ours_q": lambda: nf4.quantize(w, rounding=rounding), "bnb_q": lambda: bnb_quantize(w),
         "ours_d_out": lambda: nf4.dequantize(ours_q, out=workspace), "ours_d": lambda: nf4.dequantize(ours_q),
         "bnb_d": lambda: bnb.functional.dequantize_4bit(bnb_packed, bnb_state),
     }, device, repeats)
@@ -107,7 +118,7 @@ def timing_rows(device, shape, repeats):
         ("dequantize bandwidth, GB/s (out=)", moved / med["ours_d_out"] / 1e9, moved / med["bnb_d"] / 1e9,
          med["bnb_d"] / med["ours_d_out"], "x"),
     ]
-    return rows + identity_rows(w, ours_q, bnb_packed, bnb_state), w
+    return rows + identity_rows(w, ours_q, bnb_packed, bnb_state, rounding), w
 
 
 def accuracy_rows(device, numel):
