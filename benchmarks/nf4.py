@@ -16,8 +16,11 @@ A fresh output above glibc's largest mmap threshold (32 MiB) is mapped anew by e
 after the first call and faults no more. The memory floor is the bytes the operation must move (read the
 NF4 storage, write the dense weight) divided by this machine's copy bandwidth (measured here: read + write
 of a 128 MiB buffer); "x floor" says how far above it each side is (below 1 is possible for a weight
-that stays in the last-level cache between calls). Then: identical bytes and values (on CUDA,
-byte counts per tensor against bitsandbytes' CUDA kernel, the double-quantized absmax included);
+that stays in the last-level cache between calls). Then: identical bytes per stored tensor (the NF4
+codes and the double-quantized absmax: its 8-bit codes, nested absmax, offset) and identical dequantized
+values, ours quantized with the rounding rule of the device's bitsandbytes kernel (``nf4/rounding.py``:
+"cpu" against its CPU backend, "cuda" against its CUDA kernel), and how many bytes the other rule would
+change;
 mean squared error on N(0, 1) data for NF4, bitsandbytes' FP4 and the Int4 absmax baseline; storage
 bits per parameter with double quantization (target 4 + 8/64 + 32/16384 = 4.127).
 The CUDA branch is written but not yet run on a GPU.
@@ -88,36 +91,45 @@ def differing_bytes(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int]
     return int((a != b).sum().item()), a.numel()
 
 
-def identity_rows(w, ours_q, bnb_packed, bnb_state):
-    """Per stored tensor: identical yes/no and how many bytes differ (on CUDA: vs bitsandbytes' CUDA kernel)."""
-    pairs = [("packed codes", ours_q.packed, bnb_packed), ("absmax (8-bit codes)", ours_q.absmax, bnb_state.absmax),
+def identity_rows(w, ours_q, bnb_packed, bnb_state, rounding):
+    """Per stored tensor: identical yes/no and how many bytes differ, ours under ``rounding`` vs the bitsandbytes
+    kernel of w's device; then how many NF4 and 8-bit absmax bytes the other rule changes."""
+    kernel = "CUDA kernel" if rounding == "cuda" else "CPU backend"
+    rows = [(f"rounding rule vs bitsandbytes' {kernel}", rounding, kernel, None, "")]
+    pairs = [("NF4 codes", ours_q.packed, bnb_packed),
+             ("double-quant absmax (8-bit codes)", ours_q.absmax, bnb_state.absmax),
              ("nested absmax", ours_q.nested_absmax, bnb_state.state2.absmax),
              ("offset", ours_q.offset.reshape(1), bnb_state.offset.reshape(1))]
-    rows = []
     for name, ours, theirs in pairs:
         diff, total = differing_bytes(ours, theirs)
         rows.append((f"identical bytes: {name}", "yes" if diff == 0 else "no", f"{diff} of {total} differ", None, ""))
     same = torch.equal(ours_q.dequantize(), bnb.functional.dequantize_4bit(bnb_packed, bnb_state).reshape(w.shape))
     rows.append(("identical dequantized values", "yes" if same else "no", "", None, ""))
+    other = "cpu" if rounding == "cuda" else "cuda"
+    other_q = nf4.quantize(w, rounding=other)
+    changed = [differing_bytes(other_q.packed, ours_q.packed)[0], differing_bytes(other_q.absmax, ours_q.absmax)[0]]
+    rows.append((f"{other} rule instead: NF4; 8-bit absmax bytes changed", f"{changed[0]}; {changed[1]}", "-", None, ""))
     return rows
 
 
 def quantize_rows(device, shape, repeats):
     torch.manual_seed(0)
     w = torch.randn(shape, dtype=torch.bfloat16, device=device)
-    med = interleaved_medians({"ours": lambda: nf4.quantize(w), "bnb": lambda: bnb_quantize(w)}, device, repeats)
+    rounding = device.type  # "cpu" or "cuda": the rule of the bitsandbytes kernel we compare with
+    med = interleaved_medians({"ours": lambda: nf4.quantize(w, rounding=rounding), "bnb": lambda: bnb_quantize(w)},
+                              device, repeats)
     ours, theirs = med["ours"][0], med["bnb"][0]
     name = "x".join(map(str, shape))
     rows = [(f"quantize {name} bf16, ms", ours * 1e3, theirs * 1e3, theirs / ours, "x speed")]
-    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w), bnb_quantize(w)
-    return rows + identity_rows(w, ours_q, bnb_packed, bnb_state), w
+    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w, rounding=rounding), bnb_quantize(w)
+    return rows + identity_rows(w, ours_q, bnb_packed, bnb_state, rounding), w
 
 
 def dequantize_rows(device, shape, repeats, copy_bw):
     """Ours into out= and allocating vs bitsandbytes (which allocates), against the memory floor."""
     torch.manual_seed(0)
     w = torch.randn(shape, dtype=torch.bfloat16, device=device)
-    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w), bnb_quantize(w)
+    ours_q, (bnb_packed, bnb_state) = nf4.quantize(w, rounding=device.type), bnb_quantize(w)
     workspace = torch.empty(shape, dtype=torch.bfloat16, device=device)
     med = interleaved_medians({
         "out": lambda: nf4.dequantize(ours_q, out=workspace), "alloc": lambda: nf4.dequantize(ours_q),
