@@ -120,5 +120,6 @@ def double_quant_error(offset: torch.Tensor, nested_absmax: torch.Tensor) -> str
 def dequantize_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The inverse: code value * its block's nested absmax, then + offset (fp32, in that order, as bitsandbytes)."""
     n = codes.numel()
-    values = _dynamic_code_on(codes.device)[F.pad(codes, (0, -n % NESTED_BLOCK_SIZE)).to(torch.int64)]
-    return (values.view(-1, NESTED_BLOCK_SIZE) * nested_absmax[:, None]).view(-1)[:n] + offset
+    padded = F.pad(codes, (0, -n % NESTED_BLOCK_SIZE)).long()
+    values = _dynamic_code_on(codes.device).index_select(0, padded).view(-1, NESTED_BLOCK_SIZE)
+    return values.mul_(nested_absmax[:, None]).view(-1)[:n].add_(offset)  # in place: a fresh tensor

@@ -147,16 +147,21 @@ os.register_at_fork(after_in_child=_workers.cache_clear)  # a forked child has n
 def _dequantize_range(packed, absmax, out, block_size, first, last, chunk) -> None:
     """out[first*bs : last*bs] for the blocks first..last-1, ``chunk`` values at a time.
 
-    The per-chunk views are cut up front (``split``) and the scratch views made once, so each chunk
-    costs four torch calls: with small chunks (threaded path) Python overhead is what limits speed.
+    The per-chunk views are cut up front (``split``, when there is more than one chunk) and the scratch
+    views made once, so each chunk costs four torch calls: with small chunks (threaded path) or small
+    weights (a layer of a small model) Python overhead is what limits speed.
     """
     if last == first:
         return
     rows = max(1, min(last - first, chunk // block_size))
     half = block_size // 2
-    sources = packed[first * half : last * half].split(rows * half)                     # bytes per chunk
-    scales = absmax[first:last, None].split(rows)                                       # [k, 1] fp32
-    targets = out[first * block_size : last * block_size].view(-1, block_size).split(rows)  # [k, bs]
+    sources = packed[first * half : last * half]                                     # bytes
+    scales = absmax[first:last, None]                                                # [blocks, 1] fp32
+    targets = out[first * block_size : last * block_size].view(-1, block_size)       # [blocks, bs]
+    if rows < last - first:  # per chunk
+        sources, scales, targets = sources.split(rows * half), scales.split(rows), targets.split(rows)
+    else:
+        sources, scales, targets = (sources,), (scales,), (targets,)
     byte_index = torch.empty(rows * half, dtype=torch.int64, device=out.device)
     # fp32 output: gather straight into it (viewed as int64 pairs), no converting copy
     fp32_out = out.dtype == torch.float32 and out.storage_offset() % 2 == 0
