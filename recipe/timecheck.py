@@ -1,0 +1,142 @@
+"""The step-time model against measured steps on this machine: predicted vs measured s/step, side by side.
+
+    python -m recipe.timecheck                  # the main job's defaults (bundled tiny-llama), 1 and 2 ranks
+    python -m recipe.timecheck --quick          # seconds: 1 rank, short plain-text rows, a few steps
+
+For each rank count the main job (``recipe.train``, its defaults) runs on that many CPU ranks, started as
+``torchrun`` starts them (one process per rank, the cores shared out as torch threads), and each time
+the loop logs (every ``LoopConfig.log_every`` = 10 steps) each rank pauses to run ``recipe.microbench.measure_rates`` at the step's shapes: the
+rates and the steps are measured by the same processes, interleaved in one window, under the same load.
+The model (``recipe.timemodel.step_seconds``) predicts from the median of those rates. The measured step
+time is the steady state: the median wall time of the steps after the first ``--skip`` (which allocate
+workspaces and optimizer state), from the loop's own records (the cumulative ``tokens_per_s`` of each
+step gives its end; the held-out evaluation is excluded; the step after a pause for the micro-benchmark
+includes it, which the median leaves out). On a machine shared with other work both sides move with
+its load; the table says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import statistics
+import tempfile
+
+import torch
+import torch.multiprocessing as mp
+
+from llama.cli import Parser, integer, run_command
+
+from .loop import LoopConfig
+from .timemodel import Machine, step_seconds, workload_of
+
+
+def steady_step_seconds(records: list[dict], tokens_per_step: int, skip: int) -> float:
+    """Median seconds of the steps after the first ``skip``, from the loop's records of one run."""
+    ends = [tokens_per_step * r["step"] / r["tokens_per_s"] for r in records]
+    durations = [b - a for a, b in zip(ends, ends[1:])][max(0, skip - 1):]
+    if not durations:
+        raise ValueError(f"need more than skip={skip} steps, got {len(records)}")
+    return statistics.median(durations)
+
+
+def _rank(rank: int, world: int, port: int, argv: list[str], every: int, repeats: int, workload, queue) -> None:
+    """One rank: torchrun's environment, the job with a micro-benchmark every ``every`` steps."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import torch.distributed as dist
+
+    from .device import close_distributed
+    from .microbench import measure_rates
+    from .train import job_config, parse_args, run
+
+    args = parse_args(argv)
+    dtype, records, rates = job_config(args).build.compute_dtype, [], []
+
+    def on_step(record: dict) -> None:  # called for each record when the loop logs (every LOG_EVERY steps)
+        records.append(record)
+        if record["step"] % every == 0:
+            rates.append(measure_rates(dtype, workload, repeats))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            run(args, on_step)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, rates)
+        if rank == 0:
+            queue.put((records, [r for per_rank in everyone for r in per_rank]))
+    finally:
+        close_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check(ranks: int, flags: dict, every: int, skip: int, repeats: int, masked: bool) -> dict:
+    """Run the job on ``ranks`` ranks with the interleaved micro-benchmark; the prediction and the measurement."""
+    from llama.pretrain import BUNDLED_MODEL
+
+    from .plan import Setup
+
+    setup = Setup(world_size=ranks, batch_size=flags["batch-size"], seq_len=flags["seq-len"], rank=8,
+                  activation_checkpointing=False, device="cpu")
+    workload = workload_of(BUNDLED_MODEL, setup, masked)
+    queue = mp.get_context("spawn").SimpleQueue()
+    with tempfile.TemporaryDirectory(prefix="home70b-timecheck-") as out:
+        argv = [word for k, v in flags.items() for word in (f"--{k}", str(v))]
+        argv += ["--device", "cpu", "--no-progress", "--samples", "0", "--out", out]
+        mp.spawn(_rank, args=(ranks, _free_port(), argv, every, repeats, workload, queue), nprocs=ranks)
+        records, rates = queue.get()
+    machine = Machine(name=f"this CPU ({ranks} ranks)", host_link_bytes_per_s=None, source="recipe.microbench, "
+                      f"median of {len(rates)} runs interleaved with the steps",
+                      **{k: statistics.median(r[k] for r in rates) for k in rates[0]})
+    tokens = ranks * flags["batch-size"] * flags["seq-len"]
+    return {"ranks": ranks, "measured": steady_step_seconds(records, tokens, skip),
+            "predicted": step_seconds(BUNDLED_MODEL, setup, machine, masked), "machine": machine}
+
+
+def table(rows: list[dict]) -> str:
+    """Predicted vs measured steady-state s/step per rank count, the ratio, and the predicted parts."""
+    lines = [f"{'ranks':>5}{'predicted s/step':>18}{'measured s/step':>17}{'ratio':>7}   predicted parts (s)", "-" * 100]
+    for r in rows:
+        p = r["predicted"]
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in p.items() if k != "step" and v)
+        lines.append(f"{r['ranks']:>5}{p['step']:>18.3f}{r['measured']:>17.3f}{p['step'] / r['measured']:>7.2f}   {parts}")
+    return "\n".join(lines) + "\n(per rank; measured while the machine was shared: rates and steps move with its load)"
+
+
+def parse_args(argv=None):
+    p = Parser(prog="python -m recipe.timecheck", description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default: 1,2)")
+    p.add_argument("--steps", type=integer(minimum=3), default=30)
+    p.add_argument("--skip", type=integer(minimum=1), default=5, help="first steps left out of the steady state")
+    p.add_argument("--repeats", type=integer(minimum=1), default=3, help="micro-benchmark repeats (medians)")
+    p.add_argument("--quick", action="store_true", help="1 rank, plain-text rows of 64 tokens, 4 steps")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    from .microbench import describe
+
+    args = parse_args(argv)
+    if args.quick:
+        ranks, every, skip, repeats, masked = [1], 4, 1, 1, False
+        flags = {"data": "pydoc", "batch-size": 1, "seq-len": 64, "steps": 4}
+    else:   # the main job's defaults: packed instruction rows (an explicit attention mask)
+        ranks, every, skip, repeats = [int(r) for r in args.ranks.split(",")], LoopConfig.log_every, args.skip, args.repeats
+        masked = True
+        flags = {"batch-size": 4, "seq-len": 256, "steps": args.steps}
+    rows = []
+    for count in ranks:
+        rows.append(check(count, {**flags, "eval-batches": 1}, every, skip, repeats, masked))
+        print(describe(rows[-1]["machine"]), flush=True)
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    run_command(main)
