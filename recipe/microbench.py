@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -78,12 +79,31 @@ class _Identity(torch.autograd.Function):
         return grad
 
 
+def _python_frames(fn) -> int:
+    """Python function calls made by ``fn()`` (``sys.setprofile``'s call events)."""
+    frames = 0
+
+    def count(frame, event, arg):
+        nonlocal frames
+        frames += event == "call"
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return frames - 1  # less the call of fn itself
+
+
 def _fixed_costs(repeats: int, calls: int = 500) -> dict[str, float]:
-    """Seconds per tiny ATen operator (``add`` of two 1-element tensors), per C++-to-Python callback (half a
-    round trip of ``_Identity``: its forward from ``apply`` and its backward from the autograd engine,
-    less the two operators inside) and per collective (an all-gather of one element over the process group)."""
+    """Seconds per tiny ATen operator (``add`` of two 1-element tensors), per Python function call (a call of
+    an ``nn.Identity`` module over the Python frames it runs), per C++-to-Python callback (half a round trip
+    of ``_Identity``: its forward from ``apply`` and its backward from the autograd engine, less the two
+    operators inside) and per collective (an all-gather of one element over the process group)."""
     one = torch.ones(1)
     op = _median_seconds(lambda: [one.add(one) for _ in range(calls)], repeats) / calls
+    module = torch.nn.Identity()
+    frames = _python_frames(lambda: module(one))
+    python = _median_seconds(lambda: [module(one) for _ in range(calls)], repeats) / calls / max(1, frames)
 
     def round_trips():
         x = torch.ones(1, requires_grad=True)
@@ -96,7 +116,7 @@ def _fixed_costs(repeats: int, calls: int = 500) -> dict[str, float]:
     tiny, gathered = torch.ones(1), torch.empty(world)
     dist.barrier()
     collective = _median_seconds(lambda: [_ALL_GATHER(gathered, tiny) for _ in range(20)], repeats) / 20
-    return {"op_seconds": op, "callback_seconds": callback, "collective_seconds": collective}
+    return {"op_seconds": op, "python_seconds": python, "callback_seconds": callback, "collective_seconds": collective}
 
 
 def measure_rates(dtype: torch.dtype, workload: Workload, repeats: int) -> dict[str, float]:
@@ -156,6 +176,7 @@ def describe(machine: Machine) -> str:
     return (f"{machine.name}: matmul {machine.matmul_flops / 1e9:.1f} GFLOP/s, attention {machine.attention_flops / 1e9:.1f} "
             f"GFLOP/s, copy {machine.copy_bytes_per_s / 1e9:.2f} GB/s, NF4 dequantize {machine.dequantize_bytes_per_s / 1e9:.2f} "
             f"GB/s, all-gather {machine.gather_bytes_per_s / 1e9:.2f} GB/s; {machine.op_seconds * 1e6:.1f} us per operator, "
+            f"{machine.python_seconds * 1e6:.2f} us per Python call, "
             f"{machine.callback_seconds * 1e6:.1f} us per callback, {machine.collective_seconds * 1e6:.0f} us per collective "
             f"(per rank, measured while the machine was shared)")
 

@@ -7,7 +7,8 @@
 
     ops         ATen operators dispatched (a ``TorchDispatchMode`` sees each one, forward and backward,
                 whoever calls it: Python, an autograd Function or the autograd engine)
-    callbacks   calls from C++ into Python: a custom autograd Function's ``forward`` (from ``apply``) and
+    python      Python function calls (``sys.setprofile``'s call events; the interpreter's cost per call)
+    callbacks   of those, the calls from C++ into Python: a custom autograd Function's ``forward`` (from ``apply``) and
                 every Python function the autograd engine calls (Function backwards, tensor and grad_fn
                 hooks, the sharder's multi-grad and post-accumulate hooks), counted with ``sys.setprofile``
     collectives c10d collectives (all-gather, reduce-scatter, all-reduce), seen by the same dispatch mode
@@ -34,7 +35,7 @@ _OWN_FILES = {__file__, sys.modules[TorchDispatchMode.__module__].__file__, torc
 
 
 class StepCounter(TorchDispatchMode):
-    """``with StepCounter() as c: <one step>`` then ``c.counts[phase][kind]`` (kind: ops, callbacks,
+    """``with StepCounter() as c: <one step>`` then ``c.counts[phase][kind]`` (kind: ops, python, callbacks,
     collectives) and ``c.names[phase]`` (a Counter of operator names)."""
 
     def __init__(self):
@@ -57,6 +58,7 @@ class StepCounter(TorchDispatchMode):
     def _profile(self, frame, event, arg) -> None:
         if event != "call" or frame.f_back is None or frame.f_code.co_filename in _OWN_FILES:
             return
+        self.counts[self._now()]["python"] += 1
         caller = frame.f_back.f_code
         from_cpp = (caller.co_name == "apply" and caller.co_filename.endswith("autograd/function.py")
                     and frame.f_code.co_name == "forward") or caller.co_name == "_engine_run_backward"

@@ -8,8 +8,11 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
 * FLOPs. A linear of o x i weights costs 2 o i per token forward. The frozen base needs no weight
   gradient, so its backward is the input gradient only: 1x its forward. LoRA (r x i and o x r) costs
   2 r (i + o) forward and 2x that backward (input and weight gradients). Causal attention costs
-  2 s h per token forward (QK^T and AV, half the square) and 2x that backward. lm_head (frozen) costs
-  2 h v forward and the same backward. Checkpointing recomputes every layer's forward once.
+  2 s h per token forward (QK^T and AV, half the square) and 2x that backward; with an explicit mask
+  (packed rows, the main job's instruction data) SDPA computes the whole square, twice that
+  (``attention_flops``), at its own measured rate (small head dims run far below the matmul rate on a
+  CPU). lm_head (frozen) costs 2 h v forward and the same backward. Checkpointing recomputes every
+  layer's forward once.
 * NF4 dequantization: each linear is dequantized once per forward, recompute and backward; each time
   it reads its codes and absmax (~0.52 B per weight) and writes c bytes (the matmul's read of them
   is part of the matmul).
@@ -19,14 +22,32 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
   puts (w-1)/w of each on the wire, at the gather bandwidth between ranks.
 * Offload: every shard crosses PCIe host->device once per gather (forward and backward), the LoRA
   gradients device->host once, and AdamW runs on the CPU over the fp32 state (28 B per parameter).
-* Fixed costs per operator (launch, dispatch): the ATen operators a layer dispatches (forward,
-  recompute, backward; ``LAYER_FORWARD_OPS``, ``LAYER_BACKWARD_OPS``) times ``Machine.op_seconds``.
+* Overhead, the fixed cost per call (``overhead_seconds``): ATen operators x ``op_seconds`` (a tiny
+  ``add``) + C++-to-Python callbacks (autograd Function forwards and backwards, hooks) x
+  ``callback_seconds`` + collectives x ``collective_seconds`` (a 1-element all-gather's latency). The
+  counts are ``dispatch_by_phase``: a formula in layers n and LoRA-wrapped linears per layer k, per
+  phase, fitted to and tested against what ``recipe.opcount`` counts on the bundled model (one torch
+  thread per rank; operators, callbacks and collectives exact except the data phase, whose few operators
+  depend on the rows; Python calls, ``python_seconds`` each, within 5%):
+
+      phase       operators            Python calls            callbacks        collectives
+      data        172                  1662                    0                1
+      forward     n (389 + 11 k) + 71  n (3535 + 138 k) + 668  n (8 + k) + 1    2 n + 3
+      recompute   n (347 + 11 k) - 18  n (4222 + 138 k) - 31   n (58 + k) - 8   0   (inside backward)
+      backward    n (406 + 25 k) - 86  n (3528 + 196 k) - 680  11 n             3 n + 1
+      optimizer   13 n + 18            99 n + 328              0                1
+
+  plus 4 operators per dequantization for each 2**20-value chunk of a weight beyond its first. The main
+  job's step (n = 6, k = 7) makes 6,535 operators, ~59,000 Python calls, 157 callbacks and 36
+  collectives per rank.
 
 Overlap assumptions: all-gathers and reduce-scatters overlap compute (the next unit is prefetched
-asynchronously), so only the part longer than compute shows; dequantization, elementwise work, the
-optimizer and the offload copies do not overlap (they run on the compute stream; the sharder's offload
-copies have no side stream). step = compute + dequantize + elementwise + offload + optimizer + ops
-+ max(0, collectives - compute).
+asynchronously), so only the part longer than compute and attention shows; dequantization, elementwise
+work, the optimizer and the offload copies do not overlap (they run on the compute stream; the sharder's
+offload copies have no side stream). On a CPU the overhead is paid in line (the same thread dispatches
+and computes); on a GPU the host runs ahead of the device's queue, so it shows only where longer than
+the device's work. CPU: step = compute + attention + dequantize + elementwise + offload + optimizer +
+overhead + max(0, collectives - compute - attention); GPU: the same with max(0, overhead - the rest).
 
 GPU datasheet numbers (dense bf16 tensor FLOP/s with fp32 accumulation, memory bandwidth, host link):
 
@@ -69,9 +90,12 @@ HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DD
 # What a step dispatches, per rank, one torch thread per rank (``recipe.opcount`` on the bundled model,
 # torch 2.13, CPU path; world size does not change them). Per phase: (per decoder layer, per LoRA-wrapped
 # linear of a layer, once per model: embedding, lm_head, loss and the sharder's ends). Each dequantization
-# costs 4 more operators per 2**20 values beyond its first chunk (``nf4.fast_path``).
+# costs 4 more operators per 2**20 values beyond its first chunk (``nf4.fast_path``). Operators, callbacks
+# and collectives are exact; Python calls are fitted (within 3% on the counted configurations).
 OPS = {"data": (0, 0, 172), "forward": (389, 11, 71), "recompute": (424 - 7 * 11, 11, -18),
        "backward": (406, 25, -86), "optimizer": (13, 0, 18)}
+PYTHON = {"data": (0, 0, 1662), "forward": (3535, 138, 668), "recompute": (4222, 138, -31),   # Python calls
+          "backward": (3528, 196, -680), "optimizer": (99, 0, 328)}
 CALLBACKS = {"forward": (8, 1, 1), "recompute": (65 - 7, 1, -8), "backward": (11, 0, 0)}  # C++ -> Python calls
 COLLECTIVES = {"data": (0, 0, 1), "forward": (2, 0, 3), "backward": (3, 0, 1), "optimizer": (0, 0, 1)}
 
@@ -81,8 +105,8 @@ class Machine:
     """Achievable rates of one rank: FLOP/s of large matmuls, bytes/s of copies in device memory, of NF4
     dequantization (bytes read + written), host<->device (None: the CPU computes in host memory), of the
     all-gather between ranks; FLOP/s of attention (None: the matmul rate); and the fixed seconds per call:
-    per ATen operator, per C++-to-Python callback (an autograd Function's forward or backward, a hook), per
-    collective (its latency)."""
+    per ATen operator, per Python function call, per C++-to-Python callback (an autograd Function's forward
+    or backward, a hook), per collective (its latency)."""
     name: str
     matmul_flops: float
     copy_bytes_per_s: float
@@ -91,6 +115,7 @@ class Machine:
     gather_bytes_per_s: float
     op_seconds: float = 10e-6
     attention_flops: float | None = None
+    python_seconds: float = 0.3e-6
     callback_seconds: float = 20e-6
     collective_seconds: float = 50e-6
     source: str = ""
@@ -159,7 +184,7 @@ def dispatch_by_phase(config, setup: Setup) -> dict[str, dict[str, int]]:
     phases = ("data", "forward", "backward", "optimizer") + (("recompute",) if setup.activation_checkpointing else ())
     chunk = chunk_values(torch.device(setup.device))
     extra_chunks = n * sum(-(-o * i // chunk) - 1 for o, i in linear_shapes(shape).values()) if setup.quantize else 0
-    tables = {"ops": OPS, "callbacks": CALLBACKS, "collectives": COLLECTIVES}
+    tables = {"ops": OPS, "python": PYTHON, "callbacks": CALLBACKS, "collectives": COLLECTIVES}
     counts = {p: {kind: n * (t[p][0] + k * t[p][1]) + t[p][2] if p in t else 0 for kind, t in tables.items()}
               for p in phases}
     for p in set(phases) & {"forward", "backward", "recompute"}:
@@ -170,7 +195,7 @@ def dispatch_by_phase(config, setup: Setup) -> dict[str, dict[str, int]]:
 def step_dispatch(config, setup: Setup) -> dict[str, int]:
     """``dispatch_by_phase`` summed over the phases."""
     phases = dispatch_by_phase(config, setup).values()
-    return {kind: sum(p[kind] for p in phases) for kind in ("ops", "callbacks", "collectives")}
+    return {kind: sum(p[kind] for p in phases) for kind in ("ops", "python", "callbacks", "collectives")}
 
 
 def step_work(config, setup: Setup, masked: bool = False) -> dict[str, float]:
@@ -216,10 +241,10 @@ def step_seconds(config, setup: Setup, machine: Machine, masked: bool = False) -
 
 
 def overhead_seconds(work: dict, machine: Machine) -> float:
-    """Fixed costs of a step: operators x ``op_seconds`` + callbacks x ``callback_seconds`` + collectives x
-    ``collective_seconds``."""
-    return (work["ops"] * machine.op_seconds + work["callbacks"] * machine.callback_seconds
-            + work["collectives"] * machine.collective_seconds)
+    """Fixed costs of a step: operators x ``op_seconds`` + Python calls x ``python_seconds`` + callbacks x
+    ``callback_seconds`` + collectives x ``collective_seconds``."""
+    return (work["ops"] * machine.op_seconds + work["python"] * machine.python_seconds
+            + work["callbacks"] * machine.callback_seconds + work["collectives"] * machine.collective_seconds)
 
 
 def time_table(config, setup: Setup, machine: Machine, masked: bool = False) -> str:
@@ -243,7 +268,7 @@ def published_check() -> str:
         lines.append(f"{name:<10}{predicted:>18.1f}{published:>18.1f}{predicted / published:>8.2f}")
     d = step_dispatch("llama-2-70b", REFERENCE)
     overhead = times["rtx3090"]["overhead"]
-    lines.append(f"host overhead ({d['ops']:,} operators, {d['callbacks']:,} callbacks, {d['collectives']} collectives "
-                 f"per step): {overhead:.2f} s, hidden behind the GPUs' work; paid in line it would be "
+    lines.append(f"host overhead ({d['ops']:,} operators, {d['python']:,} Python calls, {d['callbacks']:,} callbacks, "
+                 f"{d['collectives']} collectives per step): {overhead:.2f} s, hidden behind the GPUs' work; paid in line it would be "
                  + " and ".join(f"{overhead / t['step']:.1%} of the {n} step" for n, t in times.items()))
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import pytest
 
 from recipe.links import Interconnect, collective_bytes, comm_seconds, compare_strategies, step_payloads
 from recipe.plan import Setup, linear_shapes, llama_config, lora_parameters
-from recipe.timemodel import GPUS, PUBLISHED, Machine, published_check, step_flops, step_seconds
+from recipe.timemodel import GPUS, PUBLISHED, REFERENCE, Machine, published_check, step_flops, step_seconds
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100)
@@ -27,14 +27,16 @@ def test_flops_by_hand_and_no_weight_gradient_for_the_frozen_base():
 
 
 def test_collectives_overlap_compute_and_the_rest_adds_up():
+    no_fixed_costs = dict(op_seconds=0, python_seconds=0, callback_seconds=0, collective_seconds=0)
     slow_net = Machine("x", matmul_flops=1e12, copy_bytes_per_s=1e10, dequantize_bytes_per_s=1e10,
-                       host_link_bytes_per_s=1e10, gather_bytes_per_s=1e3)
-    fast_net = Machine("y", 1e12, 1e10, 1e10, 1e10, 1e15)
+                       host_link_bytes_per_s=1e10, gather_bytes_per_s=1e3, **no_fixed_costs)
+    fast_net = Machine("y", 1e12, 1e10, 1e10, 1e10, 1e15, **no_fixed_costs)
     setup = Setup(batch_size=2, seq_len=8, rank=4)
     slow, fast = step_seconds(TINY, setup, slow_net), step_seconds(TINY, setup, fast_net)
-    serial = ("compute", "attention", "dequantize", "elementwise", "offload", "optimizer", "overhead")
+    serial = ("compute", "attention", "dequantize", "elementwise", "offload", "optimizer")
     assert fast["step"] == pytest.approx(sum(fast[k] for k in serial))         # hidden under compute
-    assert slow["step"] == pytest.approx(sum(slow[k] for k in serial) + slow["collectives"] - slow["compute"])
+    assert slow["step"] == pytest.approx(sum(slow[k] for k in serial) + slow["collectives"] - slow["compute"]
+                                         - slow["attention"])
     assert step_seconds(TINY, Setup(offload=True), fast_net)["offload"] > 0 == fast["offload"]
 
 
@@ -85,7 +87,8 @@ def test_microbenchmark_measures_positive_rates():
     workload = workload_of(TINY, Setup(batch_size=1, seq_len=16), masked=True)
     machine = measure_machine(workload, ranks=1, dtype="float32", repeats=1)
     assert min(machine.matmul_flops, machine.attention_flops, machine.copy_bytes_per_s, machine.dequantize_bytes_per_s,
-               machine.gather_bytes_per_s, machine.op_seconds, machine.callback_seconds, machine.collective_seconds) > 0
+               machine.gather_bytes_per_s, machine.op_seconds, machine.python_seconds, machine.callback_seconds,
+               machine.collective_seconds) > 0
     assert machine.host_link_bytes_per_s is None and "us per callback" in describe(machine)
     with pytest.raises(ValueError, match="ranks >= 1"):
         measure_machine(workload, ranks=0)
@@ -133,7 +136,8 @@ def _count_default_step(rank, world, checkpointing):
 def test_the_dispatch_formula_is_what_the_bundled_model_step_dispatches(world, checkpointing):
     """recipe.opcount counts the main job's step (one torch thread per rank, as the formula states); the
     formula in recipe.timemodel must give the same operators, callbacks and collectives per phase. The
-    data phase's few operators depend on how many examples a packed row holds: within 10% there."""
+    data phase's few operators and Python calls depend on how many examples a packed row holds: within 10%
+    there; the Python calls elsewhere are a fit: within 5%."""
     from distributed import run_on_ranks
     from llama.pretrain import BUNDLED_MODEL
     from recipe.timemodel import dispatch_by_phase
@@ -146,19 +150,21 @@ def test_the_dispatch_formula_is_what_the_bundled_model_step_dispatches(world, c
         for phase, kinds in formula.items():
             for kind, expected in kinds.items():
                 got = counted[phase].get(kind, 0)
-                if phase == "data" and kind == "ops":
+                if phase == "data" and kind in ("ops", "python"):
                     assert abs(got / expected - 1) < 0.10, (phase, kind, got, expected)
+                elif kind == "python":
+                    assert abs(got / expected - 1) < 0.05, (phase, kind, got, expected)
                 else:
                     assert got == expected, (phase, kind, got, expected)
 
 
 def test_the_dispatch_formula_by_hand():
     """2 layers, all seven linears wrapped (k = 7), each weight within one 2**20-value chunk."""
-    from recipe.timemodel import CALLBACKS, COLLECTIVES, OPS, step_dispatch
+    from recipe.timemodel import CALLBACKS, COLLECTIVES, OPS, PYTHON, step_dispatch
 
     setup = Setup(batch_size=1, seq_len=8, rank=4, activation_checkpointing=False, device="cpu")
     by_hand = {kind: sum(2 * (t[p][0] + 7 * t[p][1]) + t[p][2] for p in ("data", "forward", "backward", "optimizer") if p in t)
-               for kind, t in (("ops", OPS), ("callbacks", CALLBACKS), ("collectives", COLLECTIVES))}
+               for kind, t in (("ops", OPS), ("python", PYTHON), ("callbacks", CALLBACKS), ("collectives", COLLECTIVES))}
     assert step_dispatch(TINY, setup) == by_hand
     one_target = step_dispatch(TINY, Setup(batch_size=1, seq_len=8, rank=4, activation_checkpointing=False,
                                            device="cpu", target_modules=("q_proj",)))
@@ -172,11 +178,12 @@ def test_the_dispatch_formula_by_hand():
 def test_overhead_is_paid_in_line_on_a_cpu_and_hidden_behind_a_gpus_work():
     from recipe.timemodel import overhead_seconds, step_dispatch, step_work
 
-    cpu = Machine("cpu", 1e12, 1e10, 1e10, None, 1e15, op_seconds=2e-6, callback_seconds=7e-6, collective_seconds=1e-4)
+    cpu = Machine("cpu", 1e12, 1e10, 1e10, None, 1e15, op_seconds=2e-6, python_seconds=3e-7, callback_seconds=7e-6,
+                  collective_seconds=1e-4)
     setup = Setup(batch_size=2, seq_len=8, rank=4, world_size=2, device="cpu")
     d = step_dispatch(TINY, setup)
-    assert overhead_seconds(step_work(TINY, setup), cpu) == pytest.approx(d["ops"] * 2e-6 + d["callbacks"] * 7e-6
-                                                                          + d["collectives"] * 1e-4)
+    assert overhead_seconds(step_work(TINY, setup), cpu) == pytest.approx(
+        d["ops"] * 2e-6 + d["python"] * 3e-7 + d["callbacks"] * 7e-6 + d["collectives"] * 1e-4)
     t = step_seconds(TINY, setup, cpu)
     serial = ("compute", "attention", "dequantize", "elementwise", "offload", "optimizer")
     assert t["step"] == pytest.approx(sum(t[k] for k in serial) + t["overhead"])
@@ -192,7 +199,7 @@ def test_overhead_is_paid_in_line_on_a_cpu_and_hidden_behind_a_gpus_work():
 def test_overhead_is_negligible_for_the_published_70b_runs():
     for name in PUBLISHED:
         t = step_seconds("llama-2-70b", REFERENCE, GPUS[name])
-        assert t["overhead"] < 0.05 * t["step"]                          # even if it were paid in line
+        assert t["overhead"] < 0.1 * t["step"]                           # a few % even if it were paid in line
         assert t["step"] == pytest.approx(sum(v for k, v in t.items() if k not in ("step", "overhead", "collectives")))
 
 
@@ -208,17 +215,14 @@ def test_masked_attention_executes_the_whole_square():
     assert sum(flops.values()) > attention_flops(TINY, setup)
 
 
-def test_steady_state_is_the_median_after_the_first_steps(tmp_path):
-    import json
-
+def test_steady_state_is_the_median_after_the_first_steps():
     from recipe.timecheck import steady_step_seconds
 
     ends = [3.0, 4.0, 5.0, 5.5, 6.5, 7.5, 20.0]                         # step 1 slow, step 7 an outlier
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"step": i + 1, "tokens_per_s": 100 * (i + 1) / e}) + "\n"
-                                              for i, e in enumerate(ends)))
-    assert steady_step_seconds(tmp_path / "m.jsonl", 100, skip=2) == pytest.approx(1.0)  # of 1, 0.5, 1, 1, 12.5
+    records = [{"step": i + 1, "tokens_per_s": 100 * (i + 1) / end} for i, end in enumerate(ends)]
+    assert steady_step_seconds(records, 100, skip=2) == pytest.approx(1.0)  # the median of 1, 0.5, 1, 1, 12.5
     with pytest.raises(ValueError, match="need more than skip=9 steps"):
-        steady_step_seconds(tmp_path / "m.jsonl", 100, skip=9)
+        steady_step_seconds(records, 100, skip=9)
 
 
 def test_timecheck_quick_prints_predicted_and_measured(capsys):
