@@ -31,27 +31,27 @@ from .timemodel import Machine, Workload, workload_of
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name newer torch prefers
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(clock() - start)
+    return max(statistics.median(times), 1e-9)  # a CPU clock may see no time at all for a blocking wait
 
 
-def _matmul_flops(linears, dtype: torch.dtype, repeats: int) -> float:
+def _matmul_flops(linears, dtype: torch.dtype, repeats: int, clock) -> float:
     """FLOP/s of ``x @ w`` over the step's linear shapes (tokens, in, out), each dimension capped at 2048."""
     flops = seconds = 0.0
     for tokens, i, o in sorted(set(linears)):
         m, k, n = (min(d, 2048) for d in (tokens, i, o))
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        flops, seconds = flops + 2 * m * k * n, seconds + _median_seconds(lambda: a @ b, repeats)
+        flops, seconds = flops + 2 * m * k * n, seconds + _median_seconds(lambda: a @ b, repeats, clock)
     return flops / seconds
 
 
-def _attention_flops(attention, dtype: torch.dtype, repeats: int) -> float:
+def _attention_flops(attention, dtype: torch.dtype, repeats: int, clock) -> float:
     """FLOP/s of SDPA forward + backward at the step's (batch, heads, seq, head_dim), as the model calls it
     on the CPU in training (K/V repeated to every head; an explicit bool mask when ``masked``, which makes
     it compute the whole seq x seq square: 12 s^2 d FLOPs per head and row, 6 with ``is_causal``), on as
@@ -65,7 +65,7 @@ def _attention_flops(attention, dtype: torch.dtype, repeats: int) -> float:
     def step():
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
         y.backward(torch.ones_like(y))
-    return pairs * per_head / _median_seconds(step, repeats)
+    return pairs * per_head / _median_seconds(step, repeats, clock)
 
 
 class _Identity(torch.autograd.Function):
@@ -94,16 +94,16 @@ def _python_frames(fn) -> int:
     return frames - 1  # less the call of fn itself
 
 
-def _fixed_costs(repeats: int, calls: int = 500) -> dict[str, float]:
+def _fixed_costs(repeats: int, clock, calls: int = 500) -> dict[str, float]:
     """Seconds per tiny ATen operator (``add`` of two 1-element tensors), per Python function call (a call of
     an ``nn.Identity`` module over the Python frames it runs), per C++-to-Python callback (half a round trip
     of ``_Identity``: its forward from ``apply`` and its backward from the autograd engine, less the two
     operators inside) and per collective (an all-gather of one element over the process group)."""
     one = torch.ones(1)
-    op = _median_seconds(lambda: [one.add(one) for _ in range(calls)], repeats) / calls
+    op = _median_seconds(lambda: [one.add(one) for _ in range(calls)], repeats, clock) / calls
     module = torch.nn.Identity()
     frames = _python_frames(lambda: module(one))
-    python = _median_seconds(lambda: [module(one) for _ in range(calls)], repeats) / calls / max(1, frames)
+    python = _median_seconds(lambda: [module(one) for _ in range(calls)], repeats, clock) / calls / max(1, frames)
 
     def round_trips():
         x = torch.ones(1, requires_grad=True)
@@ -111,34 +111,36 @@ def _fixed_costs(repeats: int, calls: int = 500) -> dict[str, float]:
         for _ in range(calls):
             y = _Identity.apply(y)
         y.backward()
-    callback = max(op, _median_seconds(round_trips, repeats) / calls / 2 - op)
+    callback = max(op, _median_seconds(round_trips, repeats, clock) / calls / 2 - op)
     world = dist.get_world_size()
     tiny, gathered = torch.ones(1), torch.empty(world)
     dist.barrier()
-    collective = _median_seconds(lambda: [_ALL_GATHER(gathered, tiny) for _ in range(20)], repeats) / 20
+    collective = _median_seconds(lambda: [_ALL_GATHER(gathered, tiny) for _ in range(20)], repeats, clock) / 20
     return {"op_seconds": op, "python_seconds": python, "callback_seconds": callback, "collective_seconds": collective}
 
 
-def measure_rates(dtype: torch.dtype, workload: Workload, repeats: int) -> dict[str, float]:
-    """The rates of this process (see the module doc) at the shapes of ``workload``."""
+def measure_rates(dtype: torch.dtype, workload: Workload, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """The rates of this process (see the module doc) at the shapes of ``workload``, timed by ``clock``: wall
+    time (``time.perf_counter``), or ``time.process_time`` for the CPU time this process spends (all its
+    threads), which does not count the time other work on the machine takes from it."""
     import nf4
 
     src = torch.empty(16 * 2**20, dtype=torch.float32)
     dst = torch.empty_like(src)
-    copy = 2 * src.nbytes / _median_seconds(lambda: dst.copy_(src), repeats)
+    copy = 2 * src.nbytes / _median_seconds(lambda: dst.copy_(src), repeats, clock)
     tokens, i, o = max(workload.linears, key=lambda shape: shape[1] * shape[2])
     qw = nf4.quantize(torch.randn(min(o, 2048), min(i, 2048)))
     stored = qw.packed.nbytes + qw.numel / 64  # codes + 8-bit absmax
-    dequant = (stored + qw.numel * dtype.itemsize) / _median_seconds(lambda: nf4.dequantize(qw, dtype), repeats)
+    dequant = (stored + qw.numel * dtype.itemsize) / _median_seconds(lambda: nf4.dequantize(qw, dtype), repeats, clock)
     world = dist.get_world_size()
     shard = torch.ones(4 * 2**20 // world, dtype=torch.float32)
     full = torch.empty(shard.numel() * world)
     dist.barrier()
-    gather = full.nbytes / _median_seconds(lambda: _ALL_GATHER(full, shard), repeats)
-    return {"matmul_flops": _matmul_flops(workload.linears, dtype, repeats),
-            "attention_flops": _attention_flops(workload.attention, dtype, repeats),
+    gather = full.nbytes / _median_seconds(lambda: _ALL_GATHER(full, shard), repeats, clock)
+    return {"matmul_flops": _matmul_flops(workload.linears, dtype, repeats, clock),
+            "attention_flops": _attention_flops(workload.attention, dtype, repeats, clock),
             "copy_bytes_per_s": copy, "dequantize_bytes_per_s": dequant, "gather_bytes_per_s": gather,
-            **_fixed_costs(repeats)}
+            **_fixed_costs(repeats, clock)}
 
 
 def _rank(rank: int, world: int, store: str, dtype: str, workload: Workload, repeats: int, threads: int, out) -> None:

@@ -5,14 +5,21 @@
 
 For each rank count the main job (``recipe.train``, its defaults) runs on that many CPU ranks, started as
 ``torchrun`` starts them (one process per rank, the cores shared out as torch threads), and each time
-the loop logs (every ``LoopConfig.log_every`` = 10 steps) each rank pauses to run ``recipe.microbench.measure_rates`` at the step's shapes: the
-rates and the steps are measured by the same processes, interleaved in one window, under the same load.
-The model (``recipe.timemodel.step_seconds``) predicts from the median of those rates. The measured step
-time is the steady state: the median wall time of the steps after the first ``--skip`` (which allocate
-workspaces and optimizer state), from the loop's own records (the cumulative ``tokens_per_s`` of each
-step gives its end; the held-out evaluation is excluded; the step after a pause for the micro-benchmark
-includes it, which the median leaves out). On a machine shared with other work both sides move with
-its load; the table says so.
+the loop logs (every ``LoopConfig.log_every`` = 10 steps) each rank pauses to run
+``recipe.microbench.measure_rates`` at the step's shapes: the rates and the steps are measured by the
+same processes, interleaved in one window, under the same load. The model
+(``recipe.timemodel.step_seconds``) predicts from the median of those rates, twice:
+
+    wall  rates timed by the wall clock, against the steady-state step: the median wall time of the
+          steps after the first ``--skip`` (which allocate workspaces and optimizer state), from the
+          loop's own records (the cumulative ``tokens_per_s`` of each step gives its end; the held-out
+          evaluation is excluded; the step after a pause for the micro-benchmark includes it, which the
+          median leaves out)
+    cpu   rates timed by the process's CPU time, against the CPU seconds per step between the first and
+          the last pause (the micro-benchmark's own CPU time taken out; the last window holds one
+          held-out batch's forward): what the step costs whatever share of the cores other work leaves it
+
+On a machine shared with other work the wall clock moves with its load; the CPU clock much less.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import os
 import socket
 import statistics
 import tempfile
+import time
 
 import torch
 import torch.multiprocessing as mp
@@ -42,7 +50,8 @@ def steady_step_seconds(records: list[dict], tokens_per_step: int, skip: int) ->
 
 
 def _rank(rank: int, world: int, port: int, argv: list[str], every: int, repeats: int, workload, queue) -> None:
-    """One rank: torchrun's environment, the job with a micro-benchmark every ``every`` steps."""
+    """One rank: torchrun's environment, the job, and at every ``every``-th step's record the micro-benchmark
+    twice (wall clock, then this process's CPU time) and a CPU-time mark that leaves out its own cost."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -53,21 +62,35 @@ def _rank(rank: int, world: int, port: int, argv: list[str], every: int, repeats
     from .train import job_config, parse_args, run
 
     args = parse_args(argv)
-    dtype, records, rates = job_config(args).build.compute_dtype, [], []
+    dtype, records, found = job_config(args).build.compute_dtype, [], {"wall": [], "cpu": [], "marks": []}
+    benched = 0.0  # CPU seconds spent in the micro-benchmark so far
 
-    def on_step(record: dict) -> None:  # called for each record when the loop logs (every LOG_EVERY steps)
+    def on_step(record: dict) -> None:  # called for each record when the loop logs (every log_every steps)
+        nonlocal benched
         records.append(record)
         if record["step"] % every == 0:
-            rates.append(measure_rates(dtype, workload, repeats))
+            start = time.process_time()
+            found["marks"].append((record["step"], start - benched))
+            found["wall"].append(measure_rates(dtype, workload, repeats))
+            found["cpu"].append(measure_rates(dtype, workload, repeats, time.process_time))
+            benched += time.process_time() - start
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             run(args, on_step)
         everyone = [None] * world
-        dist.all_gather_object(everyone, rates)
+        dist.all_gather_object(everyone, found)
         if rank == 0:
-            queue.put((records, [r for per_rank in everyone for r in per_rank]))
+            queue.put((records, everyone))
     finally:
         close_distributed()
+
+
+def cpu_step_seconds(marks: list[tuple[int, float]]) -> float:
+    """CPU seconds per step between the first and the last mark (step, CPU seconds of the process)."""
+    (first, start), (last, end) = marks[0], marks[-1]
+    if last <= first:
+        raise ValueError(f"need two CPU-time marks at different steps, got {marks}")
+    return (end - start) / (last - first)
 
 
 def _free_port() -> int:
@@ -90,32 +113,39 @@ def check(ranks: int, flags: dict, every: int, skip: int, repeats: int, masked: 
         argv = [word for k, v in flags.items() for word in (f"--{k}", str(v))]
         argv += ["--device", "cpu", "--no-progress", "--samples", "0", "--out", out]
         mp.spawn(_rank, args=(ranks, _free_port(), argv, every, repeats, workload, queue), nprocs=ranks)
-        records, rates = queue.get()
-    machine = Machine(name=f"this CPU ({ranks} ranks)", host_link_bytes_per_s=None, source="recipe.microbench, "
-                      f"median of {len(rates)} runs interleaved with the steps",
-                      **{k: statistics.median(r[k] for r in rates) for k in rates[0]})
+        records, everyone = queue.get()
     tokens = ranks * flags["batch-size"] * flags["seq-len"]
-    return {"ranks": ranks, "measured": steady_step_seconds(records, tokens, skip),
-            "predicted": step_seconds(BUNDLED_MODEL, setup, machine, masked), "machine": machine}
+    row = {"ranks": ranks, "measured": {"wall": steady_step_seconds(records, tokens, skip),
+                                        "cpu": statistics.median(cpu_step_seconds(r["marks"]) for r in everyone)}}
+    for clock in ("wall", "cpu"):
+        rates = [r for found in everyone for r in found[clock]]
+        row[clock] = Machine(name=f"this CPU ({ranks} ranks, {clock} clock)", host_link_bytes_per_s=None,
+                             source=f"recipe.microbench, median of {len(rates)} runs interleaved with the steps",
+                             **{k: statistics.median(r[k] for r in rates) for k in rates[0]})
+        row[f"predicted {clock}"] = step_seconds(BUNDLED_MODEL, setup, row[clock], masked)
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    """Predicted vs measured steady-state s/step per rank count, the ratio, and the predicted parts."""
-    lines = [f"{'ranks':>5}{'predicted s/step':>18}{'measured s/step':>17}{'ratio':>7}   predicted parts (s)", "-" * 100]
+    """Predicted vs measured s/step per rank count, in wall time and in CPU time, the ratios, the parts."""
+    lines = [f"{'ranks':>5}{'clock':>6}{'predicted s/step':>18}{'measured s/step':>17}{'ratio':>7}   predicted parts (s)",
+             "-" * 110]
     for r in rows:
-        p = r["predicted"]
-        parts = ", ".join(f"{k} {v:.3f}" for k, v in p.items() if k != "step" and v)
-        lines.append(f"{r['ranks']:>5}{p['step']:>18.3f}{r['measured']:>17.3f}{p['step'] / r['measured']:>7.2f}   {parts}")
-    return "\n".join(lines) + "\n(per rank; measured while the machine was shared: rates and steps move with its load)"
+        for clock in ("wall", "cpu"):
+            p, measured = r[f"predicted {clock}"], r["measured"][clock]
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in p.items() if k != "step" and v >= 5e-4)
+            lines.append(f"{r['ranks']:>5}{clock:>6}{p['step']:>18.3f}{measured:>17.3f}{p['step'] / measured:>7.2f}   {parts}")
+    return "\n".join(lines) + ("\n(per rank; wall: steady-state median step; cpu: this process's CPU seconds per step, "
+                               "all its threads; measured while the machine was shared)")
 
 
 def parse_args(argv=None):
     p = Parser(prog="python -m recipe.timecheck", description=__doc__.split("\n")[0])
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default: 1,2)")
-    p.add_argument("--steps", type=integer(minimum=3), default=30)
+    p.add_argument("--steps", type=integer(minimum=2 * LoopConfig.log_every), default=30)
     p.add_argument("--skip", type=integer(minimum=1), default=5, help="first steps left out of the steady state")
     p.add_argument("--repeats", type=integer(minimum=1), default=3, help="micro-benchmark repeats (medians)")
-    p.add_argument("--quick", action="store_true", help="1 rank, plain-text rows of 64 tokens, 4 steps")
+    p.add_argument("--quick", action="store_true", help="1 rank, plain-text rows of 64 tokens, 20 steps")
     return p.parse_args(argv)
 
 
@@ -124,8 +154,8 @@ def main(argv=None) -> list[dict]:
 
     args = parse_args(argv)
     if args.quick:
-        ranks, every, skip, repeats, masked = [1], 4, 1, 1, False
-        flags = {"data": "pydoc", "batch-size": 1, "seq-len": 64, "steps": 4}
+        ranks, every, skip, repeats, masked = [1], LoopConfig.log_every, 5, 1, False
+        flags = {"data": "pydoc", "batch-size": 1, "seq-len": 64, "steps": 2 * LoopConfig.log_every}
     else:   # the main job's defaults: packed instruction rows (an explicit attention mask)
         ranks, every, skip, repeats = [int(r) for r in args.ranks.split(",")], LoopConfig.log_every, args.skip, args.repeats
         masked = True
@@ -133,7 +163,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for count in ranks:
         rows.append(check(count, {**flags, "eval-batches": 1}, every, skip, repeats, masked))
-        print(describe(rows[-1]["machine"]), flush=True)
+        print(describe(rows[-1]["wall"]), "\n" + describe(rows[-1]["cpu"]), flush=True)
     print(table(rows))
     return rows
 
