@@ -95,12 +95,20 @@ def _python_frames(fn) -> int:
 
 
 def _fixed_costs(repeats: int, clock, calls: int = 500) -> dict[str, float]:
-    """Seconds per tiny ATen operator (``add`` of two 1-element tensors), per Python function call (a call of
-    an ``nn.Identity`` module over the Python frames it runs), per C++-to-Python callback (half a round trip
-    of ``_Identity``: its forward from ``apply`` and its backward from the autograd engine, less the two
-    operators inside) and per collective (an all-gather of one element over the process group)."""
+    """Seconds per tiny ATen operator as a training step runs them (an ``add`` of two 1-element tensors that
+    autograd records, and its node in the backward: a chain of them, forward then backward, over twice its
+    length), per Python function call (a call of an ``nn.Identity`` module over the Python frames it runs),
+    per C++-to-Python callback (half a round trip of ``_Identity``: its forward from ``apply`` and its
+    backward from the autograd engine, less the two operators inside) and per collective (an all-gather of
+    one element over the process group)."""
     one = torch.ones(1)
-    op = _median_seconds(lambda: [one.add(one) for _ in range(calls)], repeats, clock) / calls
+
+    def recorded_ops():
+        y = torch.ones(1, requires_grad=True)
+        for _ in range(calls):
+            y = y.add(one)
+        y.backward()
+    op = _median_seconds(recorded_ops, repeats, clock) / calls / 2
     module = torch.nn.Identity()
     frames = _python_frames(lambda: module(one))
     python = _median_seconds(lambda: [module(one) for _ in range(calls)], repeats, clock) / calls / max(1, frames)
