@@ -20,7 +20,6 @@ these counts are checked against (``tests/test_recipe_timemodel.py``).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import sys
 
@@ -124,7 +123,7 @@ def default_job(**flags):
     return job_config(parse_args([*argv, "--no-progress", "--samples", "0"]))
 
 
-def main(argv=None) -> Counted:
+def main() -> Counted:
     import os
     import tempfile
 
@@ -143,5 +142,4 @@ def main(argv=None) -> Counted:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main(sys.argv[1:])
+    main()

@@ -2,6 +2,8 @@
 
     python -m recipe.plan llama-2-70b --world-size 2 --batch-size 2 --seq-len 2048 --offload --gpu rtx3090
     python -m recipe.plan llama-2-7b --cpu                      # time on this machine (measured rates)
+    python -m recipe.plan llama/assets/tiny-llama --world-size 1 --batch-size 4 --seq-len 256 --rank 8 \
+        --no-activation-checkpointing --cpu --packed          # the main job's step (packed rows: a mask)
     python -m recipe.plan llama-2-70b --published               # predicted vs the reference's 70B runs
     python -m recipe.plan llama-2-70b --nodes 2 --gpus-per-node 8 --intra-gbs 300 --inter-gbs 25
 

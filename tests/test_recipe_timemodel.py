@@ -117,9 +117,10 @@ def test_debug_shows_the_exception_and_the_extra_tables_print(capsys):
 
     with pytest.raises(ValueError, match="unknown preset"):
         main(["llama-9", "--debug"])
-    main(["llama-2-70b", "--offload", "--gpu", "rtx4090", "--published", "--nodes", "2", "--gpus-per-node", "2"])
+    main(["llama-2-70b", "--offload", "--gpu", "rtx4090", "--packed", "--published", "--nodes", "2", "--gpus-per-node", "2"])
     out = capsys.readouterr().out
     assert "time on RTX 4090" in out and "published s/step" in out and "verdict:" in out
+    assert "overhead hidden behind the device's work" in out and "hidden behind the GPUs' work" in out
 
 
 def _count_default_step(rank, world, checkpointing):
