@@ -3,7 +3,8 @@
 # timeout, 560 s in all at most; a step that fails or times out is reported and the next one runs):
 #  1. NF4: quantize and dequantize (into out= and allocating) of a 4096 x 14336 bf16 weight, ours (Triton)
 #     vs bitsandbytes' CUDA kernels, the bandwidth of each next to the card's device copy, and the bytes of
-#     every stored tensor (codes, 8-bit absmax, nested absmax) compared with bitsandbytes' CUDA kernel.
+#     every stored tensor (NF4 codes, double-quant 8-bit absmax codes, nested absmax, offset), ours quantized
+#     with the CUDA rounding rule (nf4/rounding.py), compared with bitsandbytes' CUDA kernel.
 #  2. The QLoRA linear: ours over nf4 / over bitsandbytes, PEFT over bitsandbytes, full fine-tuning.
 #  3. The main job on the GPU(s), recipe.train, without and with --offload (pinned arena, copy stream).
 #  4. End to end: ours vs transformers + bitsandbytes + PEFT + FSDP2, same model, data and settings.
@@ -31,7 +32,7 @@ step() {  # step SECONDS NAME COMMAND...: run it with a timeout, note a failure,
     timeout "$seconds" "$@" || { echo "=== $name: FAILED (exit $?)"; failed+=("$name"); }
 }
 train() { torchrun --standalone --nproc_per_node "$ranks" -m recipe.train --device cuda --steps 30 --no-progress "$@"; }
-step 60 "nf4 kernels and bytes vs bitsandbytes CUDA" python -m benchmarks.nf4 --device cuda --repeats 5
+step 60 "nf4 kernels; NF4 and 8-bit absmax bytes vs bitsandbytes CUDA (cuda rounding rule)" python -m benchmarks.nf4 --device cuda --repeats 5
 step 45 "QLoRA linear vs PEFT" python -m benchmarks.lora --device cuda
 step 75 "recipe.train" train --out "$out/train"
 step 75 "recipe.train --offload" train --offload --out "$out/offload"
