@@ -32,10 +32,10 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
 
       phase       operators            Python calls            callbacks        collectives
       data        172                  1662                    0                1
-      forward     n (389 + 11 k) + 71  n (3535 + 138 k) + 668  n (8 + k) + 1    2 n + 3
-      recompute   n (347 + 11 k) - 18  n (4222 + 138 k) - 31   n (58 + k) - 8   0   (inside backward)
-      backward    n (406 + 25 k) - 86  n (3528 + 196 k) - 680  11 n             3 n + 1
-      optimizer   13 n + 18            99 n + 328              0                1
+      forward     n (368 + 11 k) + 71  n (3346 + 138 k) + 664  n (8 + k) + 1    2 n + 3
+      recompute   n (326 + 11 k) - 18  n (4031 + 138 k) - 23   n (58 + k) - 8   0   (inside backward)
+      backward    n (385 + 25 k) - 77  n (3338 + 196 k) - 597  11 n             3 n + 1
+      optimizer   13 n + 18            99 n + 322              0                1
 
   plus 4 operators per dequantization for each 2**20-value chunk of a weight beyond its first. The main
   job's step (n = 6, k = 7) makes 6,535 operators, ~59,000 Python calls, 157 callbacks and 36
@@ -96,10 +96,10 @@ HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DD
 # linear of a layer, once per model: embedding, lm_head, loss and the sharder's ends). Each dequantization
 # costs 4 more operators per 2**20 values beyond its first chunk (``nf4.fast_path``). Operators, callbacks
 # and collectives are exact; Python calls are fitted (within 3% on the counted configurations).
-OPS = {"data": (0, 0, 172), "forward": (389, 11, 71), "recompute": (424 - 7 * 11, 11, -18),
-       "backward": (406, 25, -86), "optimizer": (13, 0, 18)}
-PYTHON = {"data": (0, 0, 1662), "forward": (3535, 138, 668), "recompute": (4222, 138, -31),   # Python calls
-          "backward": (3528, 196, -680), "optimizer": (99, 0, 328)}
+OPS = {"data": (0, 0, 172), "forward": (368, 11, 71), "recompute": (326, 11, -18),
+       "backward": (385, 25, -77), "optimizer": (13, 0, 18)}
+PYTHON = {"data": (0, 0, 1662), "forward": (3346, 138, 664), "recompute": (4031, 138, -23),   # Python calls
+          "backward": (3338, 196, -597), "optimizer": (99, 0, 322)}
 CALLBACKS = {"forward": (8, 1, 1), "recompute": (65 - 7, 1, -8), "backward": (11, 0, 0)}  # C++ -> Python calls
 COLLECTIVES = {"data": (0, 0, 1), "forward": (2, 0, 3), "backward": (3, 0, 1), "optimizer": (0, 0, 1)}
 
