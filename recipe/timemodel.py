@@ -38,7 +38,7 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
       optimizer   13 n + 18            99 n + 322              0                1
 
   plus 4 operators per dequantization for each 2**20-value chunk of a weight beyond its first. The main
-  job's step (n = 6, k = 7) makes 6,535 operators, ~59,000 Python calls, 157 callbacks and 36
+  job's step (n = 6, k = 7) makes 6,292 operators, ~57,000 Python calls, 157 callbacks and 36
   collectives per rank.
 
 Overlap assumptions: all-gathers and reduce-scatters overlap compute (the next unit is prefetched
@@ -69,9 +69,9 @@ everything else as modelled, the published times mean ~59% of the RTX 3090's 71 
 RTX 4090's 165; the published 3090/4090 ratio (2.68x) is larger than the datasheets' (2.33x), which no
 single fraction can match. The reference system also runs another stack (Hugging Face attention and
 bitsandbytes kernels, FSDP's own offload), whose copies may overlap differently from the serial ones
-assumed here. The host overhead there (~134,000 operators, ~1.1 M Python calls, ~7,100 callbacks, 406
-collectives per step at the assumed per-call costs: 1.85 s) hides behind the GPUs' work; paid in line it
-would be 4.7% and 9.6% of the steps.
+assumed here. The host overhead there (~129,000 operators, ~1.1 M Python calls, ~7,100 callbacks, 406
+collectives per step at the assumed per-call costs: 1.78 s) hides behind the GPUs' work; paid in line it
+would be 4.5% and 9.3% of the steps.
 
 On this 2-core CPU (``--cpu``; ``python -m recipe.timecheck`` for the bundled model, which measures the
 rates and the steps in the same processes; all measured while the machine was shared): the main job
