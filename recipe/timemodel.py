@@ -75,9 +75,9 @@ would be 4.5% and 9.3% of the steps.
 
 On this 2-core CPU (``--cpu``; ``python -m recipe.timecheck`` for the bundled model, which measures the
 rates and the steps in the same processes; all measured while the machine was shared): the main job
-(batch 4 x 256, packed rows) is predicted at 0.76x of its measured CPU time per step at 1 and at 2
-ranks, and 1.15x / 0.64x of its wall-clock step (the 2-rank run got a quarter of a core per rank); the
-counted overhead is 11-13% of the prediction, and the residual is in the non-matmul operators. A
+(batch 4 x 256, packed rows) is predicted at 0.69-0.76x of its measured CPU time per step at 1 and 2
+ranks, and 0.94x / 0.47x of its wall-clock step (the 2-rank run got a third of a core per rank); the
+counted overhead is 9-14% of the prediction, and the residual is in the non-matmul operators. A
 Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) is predicted at 111
 s/step against 116 s/step measured (0.96x).
 """
