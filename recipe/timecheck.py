@@ -23,6 +23,7 @@ On a machine shared with other work the wall clock moves with its load; the CPU 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -139,9 +140,17 @@ def table(rows: list[dict]) -> str:
                                "all its threads; measured while the machine was shared)")
 
 
+def rank_counts(text: str) -> list[int]:
+    """``--ranks``: comma-separated rank counts, each an integer >= 1."""
+    counts = [word.strip() for word in text.split(",")]
+    if not all(word.isdigit() and int(word) >= 1 for word in counts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return [int(word) for word in counts]
+
+
 def parse_args(argv=None):
     p = Parser(prog="python -m recipe.timecheck", description=__doc__.split("\n")[0])
-    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default: 1,2)")
+    p.add_argument("--ranks", type=rank_counts, default=[1, 2], help="comma-separated rank counts (default: 1,2)")
     p.add_argument("--steps", type=integer(minimum=2 * LoopConfig.log_every), default=30)
     p.add_argument("--skip", type=integer(minimum=1), default=5, help="first steps left out of the steady state")
     p.add_argument("--repeats", type=integer(minimum=1), default=3, help="micro-benchmark repeats (medians)")
@@ -157,7 +166,7 @@ def main(argv=None) -> list[dict]:
         ranks, every, skip, repeats, masked = [1], LoopConfig.log_every, 5, 1, False
         flags = {"data": "pydoc", "batch-size": 1, "seq-len": 64, "steps": 2 * LoopConfig.log_every}
     else:   # the main job's defaults: packed instruction rows (an explicit attention mask)
-        ranks, every, skip, repeats = [int(r) for r in args.ranks.split(",")], LoopConfig.log_every, args.skip, args.repeats
+        ranks, every, skip, repeats = args.ranks, LoopConfig.log_every, args.skip, args.repeats
         masked = True
         flags = {"batch-size": 4, "seq-len": 256, "steps": args.steps}
     rows = []

@@ -244,3 +244,12 @@ def test_timecheck_quick_prints_predicted_and_measured(capsys):
         predicted, measured, ratio = map(float, line[2:5])
         assert predicted > 0 and measured > 0 and ratio == pytest.approx(predicted / measured, abs=0.01)
         assert rows[0]["measured"][clock] == pytest.approx(measured, abs=1e-3)
+
+
+def test_timecheck_refuses_bad_rank_counts(capsys):
+    from recipe.timecheck import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ranks", "1,x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: argument --ranks: expected comma-separated integers >= 1")
