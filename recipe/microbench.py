@@ -6,7 +6,9 @@
 the shapes of one step (``recipe.timemodel.Workload``): matmul FLOP/s over the step's linear shapes
 [tokens, in] x [in, out] in the compute dtype; attention FLOP/s of SDPA forward + backward at the step's
 (batch, heads, seq, head_dim); copy bandwidth (bytes read + written by ``copy_`` of a 64 MiB tensor); NF4
-dequantization (codes and absmax read + values written per second); all-gather bandwidth over gloo
+dequantization (codes and absmax read + values written per second); the bandwidth of the step's
+elementwise operators (a norm, a residual add and a SwiGLU product at the step's activation size, in the
+compute dtype, bytes as ``recipe.opcount`` counts them); all-gather bandwidth over gloo
 (payload per second of a 16 MiB ``all_gather_into_tensor``); and the fixed costs the step pays per call:
 one tiny ATen operator, one C++-to-Python callback (a custom autograd Function's forward or backward, a
 hook) and one collective's latency (a 1-element all-gather). Each is the median of a few repeats. Numbers
@@ -66,6 +68,31 @@ def _attention_flops(attention, dtype: torch.dtype, repeats: int, clock) -> floa
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
         y.backward(torch.ones_like(y))
     return pairs * per_head / _median_seconds(step, repeats, clock)
+
+
+def _elementwise_mix(x, y, g, u):
+    """A decoder layer's memory-bound operators at its activation size, as the step runs them most (mul, add,
+    casts, pow, mean, silu; ``recipe.opcount``'s top operators by bytes): RMSNorm in fp32 with a residual
+    add, and the SwiGLU product."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+    return normed * y + x, torch.nn.functional.silu(g) * u
+
+
+def _elementwise_bytes_per_s(activations, dtype: torch.dtype, repeats: int, clock) -> float:
+    """Bytes/s of ``_elementwise_mix`` (5 in a row per repeat) on (tokens, hidden) and (tokens, intermediate)
+    tensors of ``dtype``, its bytes counted as ``recipe.opcount`` counts the step's (every operator's inputs
+    and outputs)."""
+    from .opcount import StepCounter
+
+    tokens, hidden, intermediate = activations
+    x, y = torch.randn(2, tokens, hidden, dtype=dtype)
+    g, u = torch.randn(2, tokens, intermediate, dtype=dtype)
+    with torch.no_grad():
+        with StepCounter() as counter:
+            _elementwise_mix(x, y, g, u)
+        return 5 * counter.counts["data"]["bytes"] / _median_seconds(
+            lambda: [_elementwise_mix(x, y, g, u) for _ in range(5)], repeats, clock)
 
 
 class _Identity(torch.autograd.Function):
@@ -148,6 +175,7 @@ def measure_rates(dtype: torch.dtype, workload: Workload, repeats: int, clock=ti
     return {"matmul_flops": _matmul_flops(workload.linears, dtype, repeats, clock),
             "attention_flops": _attention_flops(workload.attention, dtype, repeats, clock),
             "copy_bytes_per_s": copy, "dequantize_bytes_per_s": dequant, "gather_bytes_per_s": gather,
+            "elementwise_bytes_per_s": _elementwise_bytes_per_s(workload.activations, dtype, repeats, clock),
             **_fixed_costs(repeats, clock)}
 
 
@@ -185,7 +213,7 @@ def measure_machine(workload: Workload, ranks: int = 2, dtype: str = "bfloat16",
 def describe(machine: Machine) -> str:
     return (f"{machine.name}: matmul {machine.matmul_flops / 1e9:.1f} GFLOP/s, attention {machine.attention_flops / 1e9:.1f} "
             f"GFLOP/s, copy {machine.copy_bytes_per_s / 1e9:.2f} GB/s, NF4 dequantize {machine.dequantize_bytes_per_s / 1e9:.2f} "
-            f"GB/s, all-gather {machine.gather_bytes_per_s / 1e9:.2f} GB/s; {machine.op_seconds * 1e6:.1f} us per operator, "
+            f"GB/s, elementwise {machine.elementwise_bytes_per_s / 1e9:.2f} GB/s, all-gather {machine.gather_bytes_per_s / 1e9:.2f} GB/s; {machine.op_seconds * 1e6:.1f} us per operator, "
             f"{machine.python_seconds * 1e6:.2f} us per Python call, "
             f"{machine.callback_seconds * 1e6:.1f} us per callback, {machine.collective_seconds * 1e6:.0f} us per collective "
             f"(per rank, measured while the machine was shared)")

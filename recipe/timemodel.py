@@ -86,7 +86,6 @@ from __future__ import annotations
 import dataclasses
 
 from .links import step_payloads
-from .phases import layer_activation_bytes
 from .plan import Setup, linear_shapes, llama_config, lora_parameters, unit_bytes
 
 MATMUL_FRACTION, MEMORY_FRACTION, LINK_FRACTION = 0.7, 0.8, 0.8
@@ -98,17 +97,23 @@ HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DD
 # and collectives are exact; Python calls are fitted (within 3% on the counted configurations).
 OPS = {"data": (0, 0, 172), "forward": (368, 11, 71), "recompute": (326, 11, -18),
        "backward": (385, 25, -77), "optimizer": (13, 0, 18)}
-PYTHON = {"data": (0, 0, 1662), "forward": (3346, 138, 664), "recompute": (4031, 138, -23),   # Python calls
-          "backward": (3338, 196, -597), "optimizer": (99, 0, 322)}
+PYTHON = {"data": (0, 0, 1146), "forward": (2242, 105, 451), "recompute": (3053, 105, 31),   # Python calls
+          "backward": (2183, 121, -366), "optimizer": (60, 0, 268)}
 CALLBACKS = {"forward": (8, 1, 1), "recompute": (65 - 7, 1, -8), "backward": (11, 0, 0)}  # C++ -> Python calls
 COLLECTIVES = {"data": (0, 0, 1), "forward": (2, 0, 3), "backward": (3, 0, 1), "optimizer": (0, 0, 1)}
+# Memory-bound bytes (read + written) per token, bf16 compute (``recipe.opcount``'s "bytes", split by
+# ``bytes_by_width``): per phase (per layer per hidden unit, per layer per intermediate unit, once per hidden
+# unit, once per vocab entry). Dequantization (priced at its own rate) and the optimizer (``optimizer_bytes``)
+# are not in them; the backward's once-per-model part is folded into its per-layer hidden term.
+ELEMENTWISE = {"forward": (115.2, 10, 84.5, 18), "recompute": (115.2, 10, 0, 0), "backward": (279.4, 24, 0, 30)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Machine:
     """Achievable rates of one rank: FLOP/s of large matmuls, bytes/s of copies in device memory, of NF4
     dequantization (bytes read + written), host<->device (None: the CPU computes in host memory), of the
-    all-gather between ranks; FLOP/s of attention (None: the matmul rate); and the fixed seconds per call:
+    all-gather between ranks; FLOP/s of attention (None: the matmul rate); bytes/s of the step's elementwise
+    operators at its activation size (None: the copy rate); and the fixed seconds per call:
     per ATen operator, per Python function call, per C++-to-Python callback (an autograd Function's forward
     or backward, a hook), per collective (its latency)."""
     name: str
@@ -119,6 +124,7 @@ class Machine:
     gather_bytes_per_s: float
     op_seconds: float = 10e-6
     attention_flops: float | None = None
+    elementwise_bytes_per_s: float | None = None
     python_seconds: float = 0.3e-6
     callback_seconds: float = 20e-6
     collective_seconds: float = 50e-6
@@ -127,17 +133,20 @@ class Machine:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """The shapes ``recipe.microbench`` measures a machine at: the step's linears (tokens, in, out) and its
-    attention (batch, heads, seq, head_dim, masked: an explicit mask rather than ``is_causal``)."""
+    """The shapes ``recipe.microbench`` measures a machine at: the step's linears (tokens, in, out), its
+    attention (batch, heads, seq, head_dim, masked: an explicit mask rather than ``is_causal``) and its
+    activations (tokens, hidden, intermediate)."""
     linears: tuple[tuple[int, int, int], ...]
     attention: tuple[int, int, int, int, bool]
+    activations: tuple[int, int, int]
 
 
 def workload_of(config, setup: Setup, masked: bool = False) -> Workload:
     shape = llama_config(config)
     tokens = setup.batch_size * setup.seq_len
     linears = tuple((tokens, i, o) for o, i in linear_shapes(shape).values()) + ((tokens, shape.hidden_size, shape.vocab_size),)
-    return Workload(linears, (setup.batch_size, shape.num_attention_heads, setup.seq_len, shape.head_dim, masked))
+    return Workload(linears, (setup.batch_size, shape.num_attention_heads, setup.seq_len, shape.head_dim, masked),
+                    (tokens, shape.hidden_size, shape.intermediate_size))
 
 
 def datasheet(name: str, tflops: float, memory_gbs: float, host_gbs: float, peer_gbs: float) -> Machine:
@@ -196,6 +205,17 @@ def dispatch_by_phase(config, setup: Setup) -> dict[str, dict[str, int]]:
     return counts
 
 
+def elementwise_by_phase(config, setup: Setup) -> dict[str, float]:
+    """Bytes the memory-bound operators of a step read + write per rank, per phase (``ELEMENTWISE``): with
+    tokens t = b s, n layers, t (n (a h + b i) + c h + d v), scaled by compute bytes / 2."""
+    shape = llama_config(config)
+    n, tokens = shape.num_hidden_layers, setup.batch_size * setup.seq_len
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    phases = ("forward", "backward") + (("recompute",) if setup.activation_checkpointing else ())
+    return {p: setup.compute_bytes / 2 * tokens * (n * (a * h + b * i) + c * h + d * v)
+            for p, (a, b, c, d) in ELEMENTWISE.items() if p in phases}
+
+
 def step_dispatch(config, setup: Setup) -> dict[str, int]:
     """``dispatch_by_phase`` summed over the phases."""
     phases = dispatch_by_phase(config, setup).values()
@@ -218,7 +238,7 @@ def step_work(config, setup: Setup, masked: bool = False) -> dict[str, float]:
     return {"flops": sum(step_flops(shape, setup).values()) - attention,
             "attention_flops": attention_flops(shape, setup, masked),
             "dequantize_bytes": passes * weights * (per_weight_read + c) if setup.quantize else 0.0,
-            "elementwise_bytes": (passes + 1) * 2 * n * layer_activation_bytes(shape, setup),
+            "elementwise_bytes": sum(elementwise_by_phase(shape, setup).values()),
             "collective_bytes": (w - 1) / w * (payload["all_gather"] + payload["reduce_scatter"]),
             "offload_bytes": (2 * shard + 4 * trainable) if setup.offload else 0.0,
             "optimizer_bytes": 28 * trainable, **step_dispatch(shape, setup)}
@@ -231,7 +251,7 @@ def step_seconds(config, setup: Setup, machine: Machine, masked: bool = False) -
     t = {"compute": work["flops"] / machine.matmul_flops,
          "attention": work["attention_flops"] / (machine.attention_flops or machine.matmul_flops),
          "dequantize": work["dequantize_bytes"] / machine.dequantize_bytes_per_s,
-         "elementwise": work["elementwise_bytes"] / machine.copy_bytes_per_s,
+         "elementwise": work["elementwise_bytes"] / (machine.elementwise_bytes_per_s or machine.copy_bytes_per_s),
          "collectives": work["collective_bytes"] / machine.gather_bytes_per_s if setup.world_size > 1 else 0.0,
          "offload": work["offload_bytes"] / machine.host_link_bytes_per_s if machine.host_link_bytes_per_s else 0.0,
          "optimizer": work["optimizer_bytes"] / (HOST_ADAMW_BYTES_PER_S if setup.offload else machine.copy_bytes_per_s),

@@ -87,9 +87,10 @@ def test_microbenchmark_measures_positive_rates():
     workload = workload_of(TINY, Setup(batch_size=1, seq_len=16), masked=True)
     machine = measure_machine(workload, ranks=1, dtype="float32", repeats=1)
     assert min(machine.matmul_flops, machine.attention_flops, machine.copy_bytes_per_s, machine.dequantize_bytes_per_s,
+               machine.elementwise_bytes_per_s,
                machine.gather_bytes_per_s, machine.op_seconds, machine.python_seconds, machine.callback_seconds,
                machine.collective_seconds) > 0
-    assert machine.host_link_bytes_per_s is None and "us per callback" in describe(machine)
+    assert machine.host_link_bytes_per_s is None and "us per callback" in describe(machine) and "elementwise" in describe(machine)
     with pytest.raises(ValueError, match="ranks >= 1"):
         measure_machine(workload, ranks=0)
     with pytest.raises(TypeError, match="workload must be a recipe.timemodel.Workload"):
@@ -136,12 +137,13 @@ def _count_default_step(rank, world, checkpointing):
 @pytest.mark.parametrize("world, checkpointing", [(1, False), (2, False), (1, True)])
 def test_the_dispatch_formula_is_what_the_bundled_model_step_dispatches(world, checkpointing):
     """recipe.opcount counts the main job's step (one torch thread per rank, as the formula states); the
-    formula in recipe.timemodel must give the same operators, callbacks and collectives per phase. The
+    formula in recipe.timemodel must give the same operators, callbacks and collectives per phase, and the
+    memory-bound bytes of the forward and backward within 2% (``elementwise_by_phase``). The
     data phase's few operators and Python calls depend on how many examples a packed row holds: within 10%
     there; the Python calls elsewhere are a fit: within 5%."""
     from distributed import run_on_ranks
     from llama.pretrain import BUNDLED_MODEL
-    from recipe.timemodel import dispatch_by_phase
+    from recipe.timemodel import dispatch_by_phase, elementwise_by_phase
 
     setup = Setup(world_size=world, batch_size=4, seq_len=256, rank=8, activation_checkpointing=checkpointing, device="cpu")
     formula = dispatch_by_phase(BUNDLED_MODEL, setup)
@@ -153,7 +155,12 @@ def test_the_dispatch_formula_is_what_the_bundled_model_step_dispatches(world, c
             out["layers"] = {k: sum(phases.get(p, {}).get(k, 0) for p in merged) for k in phases["forward"]}
         return out
     formula = merge(formula)
+    elementwise = elementwise_by_phase(BUNDLED_MODEL, setup)
     for counted in run_on_ranks(_count_default_step, world, (checkpointing,), timeout_s=300):
+        # memory-bound bytes: within 2% (the recompute's are counted inside the backward)
+        assert abs(counted["forward"]["bytes"] / elementwise["forward"] - 1) < 0.02
+        got = counted["backward"]["bytes"] / (elementwise["backward"] + elementwise.get("recompute", 0))
+        assert abs(got - 1) < 0.02, got
         counted = merge(counted)
         for phase, kinds in formula.items():
             for kind, expected in kinds.items():
@@ -253,3 +260,39 @@ def test_timecheck_refuses_bad_rank_counts(capsys):
         main(["--ranks", "1,x"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: argument --ranks: expected comma-separated integers >= 1")
+
+
+def test_memory_bound_bytes_are_inputs_plus_outputs_and_views_matmuls_allocations_move_none():
+    import torch
+
+    from recipe.opcount import StepCounter
+
+    x, w = torch.ones(10, 4), torch.ones(4, 4)
+    with StepCounter() as counter:
+        y = x * 2.0                      # reads 160 bytes, writes 160
+        y.add_(x)                        # reads y and x, writes y: 480
+        x.view(40), x.t(), x @ w, torch.empty(1000), x.detach()
+        z = x.to(torch.bfloat16)         # 160 read + 80 written
+    assert counter.counts["data"]["bytes"] == 320 + 480 + 240
+    assert counter.moved["data"] == {"aten::mul": 320, "aten::add_": 480, "aten::_to_copy": 240}
+    assert y.sum() == 120 and z.dtype == torch.bfloat16
+
+
+def test_elementwise_term_by_hand():
+    """t (n (a h + b i) + c h + d v) bytes per phase, scaled by compute bytes / 2, at the elementwise rate
+    (the copy rate where none is measured: the datasheet GPUs, whose elementwise work is bound by memory)."""
+    from recipe.timemodel import ELEMENTWISE, elementwise_by_phase, step_work
+
+    setup = Setup(batch_size=2, seq_len=8, rank=4, activation_checkpointing=True)
+    by_hand = {p: 16 * (2 * (a * 64 + b * 128) + c * 64 + d * 100) for p, (a, b, c, d) in ELEMENTWISE.items()}
+    assert elementwise_by_phase(TINY, setup) == pytest.approx(by_hand)
+    assert set(elementwise_by_phase(TINY, dataclasses.replace(setup, activation_checkpointing=False))) == {"forward", "backward"}
+    fp32 = elementwise_by_phase(TINY, dataclasses.replace(setup, compute_bytes=4))
+    assert fp32 == pytest.approx({p: 2 * b for p, b in by_hand.items()})
+    total = step_work(TINY, setup)["elementwise_bytes"]
+    assert total == pytest.approx(sum(by_hand.values()))
+    machine = Machine("m", 1e12, copy_bytes_per_s=1e10, dequantize_bytes_per_s=1e10, host_link_bytes_per_s=None,
+                      gather_bytes_per_s=1e10, elementwise_bytes_per_s=2e9)
+    assert step_seconds(TINY, setup, machine)["elementwise"] == pytest.approx(total / 2e9)
+    copy_rate = dataclasses.replace(machine, elementwise_bytes_per_s=None)
+    assert step_seconds(TINY, setup, copy_rate)["elementwise"] == pytest.approx(total / 1e10)
