@@ -192,20 +192,24 @@ def default_job(**flags):
 
 
 def main() -> Counted:
-    import os
     import tempfile
 
     import torch.distributed as dist
 
+    import llama
+
     store = tempfile.NamedTemporaryFile(prefix="home70b-opcount-", delete=False).name
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
-        counted = count_step(default_job(out=tempfile.mkdtemp(prefix="home70b-opcount-")))
+        config = default_job(out=tempfile.mkdtemp(prefix="home70b-opcount-"))
+        counted = count_step(config)
     finally:
         dist.destroy_process_group()
         os.unlink(store)
+    split = bytes_by_width(counted, llama.LlamaConfig.from_hf(config.build.model), config.batch_size, config.seq_len)
     for phase in PHASES:
-        print(f"{phase:<10}", ", ".join(f"{k} {v}" for k, v in sorted(counted.phases[phase].items())))
+        print(f"{phase:<10}", ", ".join(f"{k} {v}" for k, v in sorted(counted.phases[phase].items())),
+              "| bytes by width:", ", ".join(f"{k} {v}" for k, v in sorted(split[phase].items())))
     return counted
 
 

@@ -16,8 +16,23 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
 * NF4 dequantization: each linear is dequantized once per forward, recompute and backward; each time
   it reads its codes and absmax (~0.52 B per weight) and writes c bytes (the matmul's read of them
   is part of the matmul).
-* Elementwise work (norms, rotary, SiLU, residuals) is memory-bound: the saved activations are
-  written once and read once per pass, at the copy bandwidth.
+* Elementwise work (norms, casts, rotary, SiLU, residuals, the loss; every operator that is neither a
+  matmul, attention, a view, an allocation nor inside NF4 dequantization) is memory-bound: the bytes its
+  operators read + write, counted by ``recipe.opcount`` (the sizes of each operator's tensor inputs and
+  outputs) and written per phase in tokens t = b s, layers n, hidden h, intermediate i and vocab v
+  (``elementwise_by_phase``, bf16 compute; x c / 2 for other compute bytes c):
+
+      phase       bytes                                         (main job: t = 1024, n = 6)
+      forward     t (n (115.2 h + 10 i) + 84.5 h + 18 v)        250 MB
+      recompute   t n (115.2 h + 10 i)                          (checkpointing only)
+      backward    t (n (279.4 h + 24 i) + 30 v)                 549 MB
+
+  The hidden terms hold every tensor not i or v wide (hidden, KV and LoRA widths, norms' statistics, the
+  mask); the backward's once-per-model part is folded into its per-layer term (one layer count was
+  counted). Within 2% of the count at 1 and 2 ranks, with and without checkpointing. Priced at the
+  elementwise bandwidth (``recipe.microbench``: a norm, a residual add and a SwiGLU product at the step's
+  activation size, in the compute dtype, its bytes counted the same way); a GPU's datasheet entry has
+  none, so its copy rate (80% of memory bandwidth): there this work is bound by HBM and adds to the step.
 * Collectives: the all-gather and reduce-scatter payloads of ``recipe.links.step_payloads``; a ring
   puts (w-1)/w of each on the wire, at the gather bandwidth between ranks.
 * Offload: every shard crosses PCIe host->device once per gather (forward and backward), the LoRA
@@ -28,17 +43,17 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
   counts are ``dispatch_by_phase``: a formula in layers n and LoRA-wrapped linears per layer k, per
   phase, fitted to and tested against what ``recipe.opcount`` counts on the bundled model (one torch
   thread per rank; operators, callbacks and collectives exact except the data phase, whose few operators
-  depend on the rows; Python calls, ``python_seconds`` each, within 5%):
+  depend on the rows; Python calls, ``python_seconds`` each, within 5%; the counter's own calls excluded):
 
       phase       operators            Python calls            callbacks        collectives
-      data        172                  1662                    0                1
-      forward     n (368 + 11 k) + 71  n (3346 + 138 k) + 664  n (8 + k) + 1    2 n + 3
-      recompute   n (326 + 11 k) - 18  n (4031 + 138 k) - 23   n (58 + k) - 8   0   (inside backward)
-      backward    n (385 + 25 k) - 77  n (3338 + 196 k) - 597  11 n             3 n + 1
-      optimizer   13 n + 18            99 n + 322              0                1
+      data        172                  1146                    0                1
+      forward     n (368 + 11 k) + 71  n (2242 + 105 k) + 451  n (8 + k) + 1    2 n + 3
+      recompute   n (326 + 11 k) - 18  n (3053 + 105 k) + 31   n (58 + k) - 8   0   (inside backward)
+      backward    n (385 + 25 k) - 77  n (2183 + 121 k) - 366  11 n             3 n + 1
+      optimizer   13 n + 18            60 n + 268              0                1
 
   plus 4 operators per dequantization for each 2**20-value chunk of a weight beyond its first. The main
-  job's step (n = 6, k = 7) makes 6,292 operators, ~57,000 Python calls, 157 callbacks and 36
+  job's step (n = 6, k = 7) makes 6,292 operators, ~38,000 Python calls, 157 callbacks and 36
   collectives per rank.
 
 Overlap assumptions: all-gathers and reduce-scatters overlap compute (the next unit is prefetched
@@ -94,7 +109,8 @@ HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DD
 # torch 2.13, CPU path; world size does not change them). Per phase: (per decoder layer, per LoRA-wrapped
 # linear of a layer, once per model: embedding, lm_head, loss and the sharder's ends). Each dequantization
 # costs 4 more operators per 2**20 values beyond its first chunk (``nf4.fast_path``). Operators, callbacks
-# and collectives are exact; Python calls are fitted (within 3% on the counted configurations).
+# and collectives are exact; Python calls are fitted (within 3% on the counted configurations), less the
+# counter's own 3 per operator.
 OPS = {"data": (0, 0, 172), "forward": (368, 11, 71), "recompute": (326, 11, -18),
        "backward": (385, 25, -77), "optimizer": (13, 0, 18)}
 PYTHON = {"data": (0, 0, 1146), "forward": (2242, 105, 451), "recompute": (3053, 105, 31),   # Python calls
