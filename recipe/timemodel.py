@@ -78,23 +78,27 @@ these large bf16 matmuls, 80% of memory bandwidth, 80% of the host and inter-GPU
 The reference system's published Llama-2-70B runs (2 GPUs, batch 2 x 2048 per GPU, LoRA on all linears,
 checkpointing, CPU offload; 1,024 samples, so 256 steps of 4 sequences): 2 x RTX 3090 in 11,795 s
 (46.1 s/step), 2 x RTX 4090 in 4,399 s (17.2 s/step). ``published_check`` (``python -m recipe.plan
---published``) predicts 39.5 s (0.86x) and 19.2 s (1.12x). The linears' compute is 87% and 77% of the
+--published``) predicts 40.5 s (0.88x) and 20.2 s (1.17x). The linears' compute is 85% and 73% of the
 two predictions, so the residual is mostly the one achieved fraction (70%) assumed for both cards: with
-everything else as modelled, the published times mean ~59% of the RTX 3090's 71 TFLOP/s and ~81% of the
+everything else as modelled, the published times mean ~60% of the RTX 3090's 71 TFLOP/s and ~88% of the
 RTX 4090's 165; the published 3090/4090 ratio (2.68x) is larger than the datasheets' (2.33x), which no
-single fraction can match. The reference system also runs another stack (Hugging Face attention and
-bitsandbytes kernels, FSDP's own offload), whose copies may overlap differently from the serial ones
-assumed here. The host overhead there (~129,000 operators, ~1.1 M Python calls, ~7,100 callbacks, 406
-collectives per step at the assumed per-call costs: 1.78 s) hides behind the GPUs' work; paid in line it
-would be 4.5% and 9.3% of the steps.
+single fraction can match. The counted elementwise bytes (1.8 TB per rank and step at 70B width, bound by
+HBM: 2.4 s and 2.2 s) are a part of that residual's size only. The reference system also runs another
+stack (Hugging Face attention and bitsandbytes kernels, FSDP's own offload), whose copies may overlap
+differently from the serial ones assumed here. The host overhead there (~129,000 operators, ~763,000
+Python calls, ~7,100 callbacks, 406 collectives per step at the assumed per-call costs: 1.68 s) hides
+behind the GPUs' work; paid in line it would be 4.2% and 8.4% of the steps.
 
 On this 2-core CPU (``--cpu``; ``python -m recipe.timecheck`` for the bundled model, which measures the
 rates and the steps in the same processes; all measured while the machine was shared): the main job
-(batch 4 x 256, packed rows) is predicted at 0.69-0.76x of its measured CPU time per step at 1 and 2
-ranks, and 0.94x / 0.47x of its wall-clock step (the 2-rank run got a third of a core per rank); the
-counted overhead is 9-14% of the prediction, and the residual is in the non-matmul operators. A
-Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) is predicted at 111
-s/step against 116 s/step measured (0.96x).
+(batch 4 x 256, packed rows) is predicted at 0.77x / 0.79x of its measured CPU time per step at 1 / 2
+ranks (a run under heavier load: 0.76x / 0.75x), and 0.79x / 0.49x of its wall-clock step (the 2-rank
+run got a third of a core per rank). The elementwise bytes are 14% of the prediction, the overhead
+10-12%. Timed operator by operator inside the step, the memory-bound operators run at ~12 GB/s of CPU
+time (the micro-benchmark: 13-17), while the matmuls take ~15-30% longer than the benchmark's rate
+gives, and the measured window holds the loop's own work besides the steps: that is the residual. A
+Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) was predicted at 111
+s/step against 116 s/step measured (0.96x) before the elementwise term was counted (~7.9 GB there).
 """
 from __future__ import annotations
 
