@@ -4,8 +4,8 @@ One file: write a temporary file beside it, then ``os.replace`` it over the targ
 directory is atomic on POSIX). Files that belong together (a checkpoint, an adapter): write them into a
 temporary directory, then rename the directory into place (`replace_directory`).
 
-``lora/adapter_io.py`` keeps its own one-file version of `write_atomically`: lora imports nothing
-outside itself, so it can be read and used alone.
+``lora/atomic_files.py`` keeps its own copies (`write_atomically`, and `write_files_atomically` for a
+directory): lora imports nothing outside itself, so it can be read and used alone.
 """
 from __future__ import annotations
 
