@@ -32,13 +32,14 @@ from llama.pretrain import BUNDLED_MODEL
 from .device import device_peak_mib, reset_device_peak, resolve_device
 from .instruct.corpus import chat_prompt
 from .memory import peak_rss_bytes, reset_peak_rss
+from .plan import ALL_LINEAR
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def is_linear_weight(name: str) -> bool:
-    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
+    """Whether ``name`` is the weight of one of a decoder layer's seven projections (``ALL_LINEAR``)."""
+    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in ALL_LINEAR
 
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, device="cpu") -> llama.Llama:

@@ -8,6 +8,7 @@ import llama
 from llama.pretrain import BUNDLED_MODEL
 import lora
 from recipe import generate as cli
+from recipe.plan import ALL_LINEAR
 from llama.cli import run_command as run
 
 BUNDLED = str(BUNDLED_MODEL)
@@ -15,7 +16,7 @@ BUNDLED = str(BUNDLED_MODEL)
 
 def random_adapter(model_dir, directory, **options):
     model = cli.load_model(model_dir)
-    lora.inject(model, cli.LINEARS, r=4, alpha=8, **options)
+    lora.inject(model, ALL_LINEAR, r=4, alpha=8, **options)
     torch.manual_seed(1)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
@@ -35,7 +36,7 @@ def peft_over_bnb(model_dir, adapter_dir):
     transformers, bnb, peft = (reference(name) for name in ("transformers", "bitsandbytes", "peft"))
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in cli.LINEARS:
+        if name.rsplit(".", 1)[-1] in ALL_LINEAR:
             q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.float32,
                                   quant_type="nf4", compress_statistics=True)
             q.weight = bnb.nn.Params4bit(module.weight.detach().clone(), requires_grad=False, quant_type="nf4",
