@@ -112,12 +112,6 @@ def device_peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def device_reserved_peak_mib(device: torch.device) -> float | None:
-    """``torch.cuda.max_memory_reserved`` in MiB: what the caching allocator took from the driver, the
-    allocated peak plus rounding and fragmentation -- what ``recipe.plan`` compares with the budget."""
-    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
-
-
 def release_cached_blocks(device: torch.device) -> None:
     """After loading, free what loading left in reference cycles (``gc.collect``: on 2 ranks a whole
     layer's NF4 tensors were found waiting for Python's cyclic collector) and hand the allocator's
