@@ -48,6 +48,7 @@ BAD_TRAIN_FLAGS = [
     (["--max-grad-norm", "0"], "argument --max-grad-norm: expected a finite number > 0, got '0'"),
     (["--warmup", "0"], "argument --warmup: expected an integer >= 1, got '0'"),
     (["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+    (["--samples", "-1"], "argument --samples: expected an integer >= 0, got '-1'"),
     (["--memory-gib", "-2"], "argument --memory-gib: expected a finite number > 0, got '-2'"),
     (["--target-modules", "q_proj,,v_proj"], "argument --target-modules: expected comma-separated module names"),
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
