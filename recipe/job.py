@@ -25,6 +25,7 @@ from .adapter import load_onto_base, save_trained_adapter
 from .build import BuildOptions, Built, build
 from .corpus import Corpus, load_corpus, tokenizer_of
 from .device import device_peak_mib, memory_budget, release_cached_blocks, reset_device_peak
+from .files import write_text_atomically
 from .fingerprint import of_job
 from .instruct.encode import TextEncoder
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
@@ -210,7 +211,7 @@ def finish(done: Finished, log: Log) -> dict:
     log(f"adapter written to {out / 'adapter'} (PEFT format)")
     summary["answers"] = show_answers(done, answer_questions(done.config, done.corpus, out / "adapter"), log)
     if dist.get_rank() == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 
