@@ -43,9 +43,9 @@ def init_weights(model: Llama, std: float = 0.02) -> None:
         torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.normal_(p, 0.0, std)
 
 
-def evaluate(model: Llama, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy (nats per token) over ``windows`` (n, seq_len), ``batch_size`` at a time."""
-    return mean_loss(model, windows.split(batch_size))
+def evaluate(model: Llama, rows: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats per token) over ``rows`` (n, seq_len), ``batch_size`` at a time."""
+    return mean_loss(model, rows.split(batch_size))
 
 
 def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
