@@ -30,11 +30,10 @@ from llama.cli import Parser, integer, number, run_command
 from llama.pretrain import BUNDLED_MODEL
 
 from .device import device_peak_mib, reset_device_peak, resolve_device
+from .export import DTYPES
 from .instruct.corpus import chat_prompt
 from .memory import peak_rss_bytes, reset_peak_rss
 from .plan import ALL_LINEAR
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def is_linear_weight(name: str) -> bool:
