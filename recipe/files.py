@@ -41,10 +41,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def sibling_name(directory: Path) -> Path:
+    """The path of `temporary_sibling`'s directory for ``directory`` (known to every rank without asking)."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".tmp")
+
+
 def temporary_sibling(directory: Path) -> Path:
     """An empty directory beside ``directory`` to fill before `replace_directory` (any leftover removed)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = sibling_name(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
