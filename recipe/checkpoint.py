@@ -78,6 +78,8 @@ def serialize(state: dict[str, torch.Tensor], meta: dict) -> tuple[bytes, str]:
 def save(directory: Path, step: int, state: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
     """Write this rank's ``state`` and ``meta`` as the checkpoint of ``step`` (collective: every rank
     calls it); keep the newest ``keep`` checkpoints up to this one."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1 (the new checkpoint is always kept), got {keep!r}")
     rank, world = dist.get_rank(), dist.get_world_size()
     directory = Path(directory)
     final = directory / f"step-{step:06d}"
