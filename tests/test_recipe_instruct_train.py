@@ -229,6 +229,20 @@ def test_chat_prompts_use_the_template_saved_with_the_adapter(tmp_path):
     assert plain == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_a_held_out_question_is_the_user_turn_before_the_first_answer(tmp_path):
+    import llama
+    from recipe.instruct.corpus import held_out_questions
+    from recipe.instruct.dataset import load_instruct
+
+    turns = [[("system", "Be brief."), ("user", "Why?"), ("assistant", "Because.")],
+             [("system", "Be brief."), ("assistant", "Hello."), ("user", "Why?"), ("assistant", "Because.")]]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in t]}) + "\n" for t in turns))
+    data = load_instruct(path, llama.ByteTokenizer(), None, "chatml", 256)
+    questions = held_out_questions(data, llama.ByteTokenizer(), 2)
+    assert [(q.text, q.reference) for q in questions] == [("Why?", "Because."), ("", "Hello.")]
+
+
 def test_generate_chat_sends_the_rendered_conversation():
     import llama
     from recipe.build import DEFAULT_MODEL
