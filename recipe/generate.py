@@ -29,7 +29,7 @@ import nf4
 from llama.cli import Parser, integer, number, run_command
 from llama.pretrain import BUNDLED_MODEL
 
-from .device import device_peak_mib, reset_device_peak, resolve_device
+from .device import DEVICES, device_peak_mib, reset_device_peak, resolve_device
 from .export import DTYPES
 from .instruct.corpus import chat_prompt
 from .memory import peak_rss_bytes, reset_peak_rss
@@ -126,7 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=integer(minimum=1))
     p.add_argument("--seed", type=integer(minimum=0), default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="auto: the GPU of this process when CUDA is visible, else the CPU")
     return p.parse_args(argv)
 
 

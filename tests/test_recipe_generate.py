@@ -89,6 +89,7 @@ def test_cli_batch_from_a_file_with_nf4_and_an_adapter(tmp_path, capsys):
     (["--prompt", "x", "--quant", "int3"], "--quant"),
     (["--max-new-tokens", "3"], "--prompt"),
     (["--prompt", "x", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["--prompt", "x", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
     (["--prompt", "x", "--top-p", "2"], "argument --top-p: expected a finite number > 0 and <= 1, got '2'"),
     (["--prompt", "x", "--model", "/no/such/dir"], "no Llama config"),
     (["--prompts", "/no/such/file"], "--prompts /no/such/file: no such file"),
