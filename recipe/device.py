@@ -12,8 +12,8 @@ Triton kernel on CUDA and with torch on the CPU, ``lora`` creates its adapters b
    device and only its NF4 form stays there (``recipe/build.py``);
 3. each batch moved to the device before the forward (``recipe/loop.py``).
 
-A tensor handed to a collective must live where the backend expects it (``collective_device``), the
-scalars ``all_mean`` averages included. One rank per GPU: NCCL refuses two ranks on one device.
+A tensor handed to a collective must live where the backend expects it (``collective_device``), a
+one-number count or loss sum included. One rank per GPU: NCCL refuses two ranks on one device.
 """
 from __future__ import annotations
 
@@ -90,13 +90,6 @@ def collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def all_mean(value: float) -> float:
-    """The mean of a Python number over all ranks."""
-    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
 
 
 def reset_device_peak(device: torch.device) -> None:
