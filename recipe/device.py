@@ -136,7 +136,8 @@ def memory_budget(device: torch.device, memory_gib: float | None = None) -> int:
     Fragmentation is what ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` reduces: the allocator
     then grows one mapped segment per stream instead of caching fixed-size segments, so differently
     sized gathered units, logits and activations reuse the same pages; set it in the environment
-    before the first CUDA call (e.g. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun ...``)."""
+    before the first CUDA call (e.g. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun ...``).
+    The GPU branch (``mem_get_info`` minus ``HEADROOM``) is written but not yet run on a GPU."""
     if memory_gib is not None:
         if memory_gib <= 0:
             raise ValueError(f"--memory-gib must be > 0, got {memory_gib}")

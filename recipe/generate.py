@@ -11,9 +11,10 @@ bitsandbytes checkpoint is read as is), then the PEFT-format adapter is loaded u
 A single ``--prompt`` streams its completion as it is produced; ``--prompts FILE`` (one prompt per
 line) runs all of them as one left-padded batch and prints each completion. Then one line reports the
 prompt (prefill) and decode speeds in tokens/s and the peak memory (the GPU's allocated peak, or the
-process's resident peak on the CPU). Greedy by default (``--temperature 0``). ``--chat``: each prompt
-is a user message, rendered in the chat template the adapter was trained with (``recipe.train`` saves
-it beside the adapter), as training rendered its conversations.
+process's resident peak on the CPU; ``--device cuda`` is written but not yet run on a GPU). Greedy by
+default (``--temperature 0``). ``--chat``: each prompt is a user message, rendered in the chat template
+the adapter was trained with (``recipe.train`` saves it beside the adapter), as training rendered its
+conversations.
 """
 from __future__ import annotations
 

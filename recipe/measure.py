@@ -12,7 +12,7 @@ through the very same code as the main job, counting memory with ``recipe.phase_
 and by the planner's components). The plan for the same setup is printed beside it: for each phase,
 each component planned vs measured, and the storages of 8 MiB or more live at each measured peak.
 With ``--device cuda`` (one rank per GPU) the overall measured peak is the GPU's own
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated`` (written but not yet run on a GPU).
 """
 from __future__ import annotations
 
