@@ -62,10 +62,16 @@ def stream_order(config: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every stored tensor in the order ``iter_checkpoint`` yields them: the tensors
     outside the decoder layers, then layer 0, 1, ..., each in architecture order."""
     shapes = expected_shapes(config)
-    groups: dict[int | None, list[str]] = defaultdict(list)
-    for name in shapes:
-        groups[layer_of(name)].append(name)
+    groups = _by_layer(shapes)
     return [(name, shapes[name]) for layer in [None, *range(config.num_hidden_layers)] for name in groups[layer]]
+
+
+def _by_layer(names) -> dict[int | None, list[str]]:
+    """The names grouped by decoder layer (None: outside the layers), each group in the given order."""
+    groups: dict[int | None, list[str]] = defaultdict(list)
+    for name in names:
+        groups[layer_of(name)].append(name)
+    return groups
 
 
 def layer_of(name: str) -> int | None:
@@ -153,9 +159,7 @@ def iter_checkpoint(directory: str | Path, config: LlamaConfig | None = None) ->
     entries = _group_bnb(files)
     shapes = expected_shapes(config)
     _check_keys(entries, files, shapes)
-    groups: dict[int | None, list[str]] = defaultdict(list)
-    for name, _ in stream_order(config):
-        groups[layer_of(name)].append(name)
+    groups = _by_layer(shapes)
     for layer in [None, *range(config.num_hidden_layers)]:
         names = groups[layer]
         paths = {files[key] for name in names for key in entries[name]}
