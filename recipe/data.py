@@ -86,7 +86,8 @@ def load_documents(data: str | Path | None = None) -> dict[str, str]:
 
 
 def encode_ids(tokenizer, text: str) -> list[int]:
-    """Token ids with BOS/EOS around the document: ``llama.ByteTokenizer`` or a ``tokenizers.Tokenizer``."""
+    """A document's token ids: ``llama.ByteTokenizer`` puts BOS and EOS around it; a ``tokenizers.Tokenizer``
+    adds what its post-processor adds (BOS alone for Llama's)."""
     if hasattr(tokenizer, "bos_token_id"):
         return tokenizer.encode(text, bos=True, eos=True)
     return tokenizer.encode(text).ids
