@@ -184,6 +184,9 @@ class Sampler:
 def eval_batches(rows, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1):
     """The first ``n_batches`` global batches of the held-out rows (windows or a rows object), in
     order, this rank's rows."""
+    if batch_size < 1 or n_batches < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"eval_batches needs batch_size >= 1, n_batches >= 1 and 0 <= rank < world_size, got "
+                         f"batch_size={batch_size}, n_batches={n_batches}, rank={rank}, world_size={world_size}")
     rows, per_global = as_rows(rows), batch_size * world_size
     n_batches = min(n_batches, len(rows) // per_global)
     if n_batches == 0:
