@@ -205,7 +205,9 @@ def load_checkpoint(model: Llama | None, directory: str | Path,
     return model
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it over ``path`` (readable by all).
+    ``llama``'s own copy of ``recipe.files.write_atomically``: llama imports nothing above it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(str(tmp))
     os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; a checkpoint is meant to be shared
@@ -238,16 +240,16 @@ def save_checkpoint(model: Llama, directory: str | Path, max_shard_bytes: int = 
         shards[-1][name] = t
         size += nbytes
     config = {**model.config.to_hf(), "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
-    _atomic(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     if len(shards) == 1:
         (directory / INDEX_FILE).unlink(missing_ok=True)
-        _atomic(directory / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        write_atomically(directory / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
         return [directory / SINGLE_FILE]
     (directory / SINGLE_FILE).unlink(missing_ok=True)
     paths = [directory / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for path, shard in zip(paths, shards):
-        _atomic(path, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+        write_atomically(path, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": {name: path.name for path, shard in zip(paths, shards) for name in shard}}
-    _atomic(directory / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    write_atomically(directory / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
     return paths
