@@ -5,7 +5,8 @@ directory is atomic on POSIX). Files that belong together (a checkpoint, an adap
 temporary directory, then rename the directory into place (`replace_directory`).
 
 ``lora/atomic_files.py`` keeps its own copies (`write_atomically`, and `write_files_atomically` for a
-directory): lora imports nothing outside itself, so it can be read and used alone.
+directory): lora imports nothing outside itself, so it can be read and used alone. ``llama`` sits below
+``recipe`` and keeps its own too (``llama.checkpoint.write_atomically``, ``llama.hf_writer.atomic_directory``).
 """
 from __future__ import annotations
 
