@@ -4,7 +4,8 @@
 
 ``ranks`` gloo processes run each measurement at the same time, as training ranks share the cores, at
 the shapes of one step (``recipe.timemodel.Workload``): matmul FLOP/s over the step's linear shapes
-[tokens, in] x [in, out] in the compute dtype; attention FLOP/s of SDPA forward + backward at the step's
+[tokens, in] x [in, out] in the compute dtype; the LoRA adapters' FLOP/s, forward and backward, at
+the step's (tokens, in, out, r); attention FLOP/s of SDPA forward + backward at the step's
 (batch, heads, seq, head_dim); copy bandwidth (bytes read + written by ``copy_`` of a 64 MiB tensor); NF4
 dequantization (codes and absmax read + values written per second); the bandwidth of the step's
 elementwise operators (a norm, a residual add and a SwiGLU product at the step's activation size, in the
@@ -51,6 +52,23 @@ def _matmul_flops(linears, dtype: torch.dtype, repeats: int, clock) -> float:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         flops, seconds = flops + 2 * m * k * n, seconds + _median_seconds(lambda: a @ b, repeats, clock)
     return flops / seconds
+
+
+def _adapter_flops(adapters, dtype: torch.dtype, repeats: int, clock) -> float:
+    """FLOP/s of the LoRA adapters of one decoder layer as ``lora.LoRALinear`` runs them, forward and backward
+    (x A^T, then addmm onto the base output with B^T; the input and both weight gradients: 6 t r (in + out)
+    FLOPs per adapter), at the step's (tokens, in, out, r), tokens capped at 2048: thin matmuls, far below
+    the large ones' rate on a CPU."""
+    total, steps = 0.0, []
+    for tokens, i, o, r in adapters:
+        t = min(tokens, 2048)
+        x = torch.randn(t, i, dtype=dtype, requires_grad=True)
+        a, b = (torch.randn(*shape, dtype=dtype, requires_grad=True) for shape in ((r, i), (o, r)))
+        base, grad = torch.randn(t, o, dtype=dtype), torch.ones(t, o, dtype=dtype)
+        steps.append(lambda x=x, a=a, b=b, base=base, grad=grad: torch.addmm(
+            base, torch.nn.functional.linear(x, a), b.t(), alpha=2.0).backward(grad))
+        total += 6 * t * r * (i + o)
+    return total / _median_seconds(lambda: [step() for step in steps], repeats, clock) if steps else float("inf")
 
 
 def _attention_flops(attention, dtype: torch.dtype, repeats: int, clock) -> float:
@@ -173,6 +191,7 @@ def measure_rates(dtype: torch.dtype, workload: Workload, repeats: int, clock=ti
     dist.barrier()
     gather = full.nbytes / _median_seconds(lambda: _ALL_GATHER(full, shard), repeats, clock)
     return {"matmul_flops": _matmul_flops(workload.linears, dtype, repeats, clock),
+            "adapter_flops": _adapter_flops(workload.adapters, dtype, repeats, clock),
             "attention_flops": _attention_flops(workload.attention, dtype, repeats, clock),
             "copy_bytes_per_s": copy, "dequantize_bytes_per_s": dequant, "gather_bytes_per_s": gather,
             "elementwise_bytes_per_s": _elementwise_bytes_per_s(workload.activations, dtype, repeats, clock),
@@ -211,7 +230,8 @@ def measure_machine(workload: Workload, ranks: int = 2, dtype: str = "bfloat16",
 
 
 def describe(machine: Machine) -> str:
-    return (f"{machine.name}: matmul {machine.matmul_flops / 1e9:.1f} GFLOP/s, attention {machine.attention_flops / 1e9:.1f} "
+    return (f"{machine.name}: matmul {machine.matmul_flops / 1e9:.1f} GFLOP/s, LoRA adapters "
+            f"{(machine.adapter_flops or machine.matmul_flops) / 1e9:.1f} GFLOP/s, attention {machine.attention_flops / 1e9:.1f} "
             f"GFLOP/s, copy {machine.copy_bytes_per_s / 1e9:.2f} GB/s, NF4 dequantize {machine.dequantize_bytes_per_s / 1e9:.2f} "
             f"GB/s, elementwise {machine.elementwise_bytes_per_s / 1e9:.2f} GB/s, all-gather {machine.gather_bytes_per_s / 1e9:.2f} GB/s; {machine.op_seconds * 1e6:.1f} us per operator, "
             f"{machine.python_seconds * 1e6:.2f} us per Python call, "

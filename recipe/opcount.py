@@ -198,6 +198,7 @@ def main() -> Counted:
 
     import llama
 
+    torch.set_num_threads(1)  # the formula's condition: one torch thread per rank
     store = tempfile.NamedTemporaryFile(prefix="home70b-opcount-", delete=False).name
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:

@@ -132,7 +132,7 @@ ELEMENTWISE = {"forward": (115.2, 10, 84.5, 18), "recompute": (115.2, 10, 0, 0),
 class Machine:
     """Achievable rates of one rank: FLOP/s of large matmuls, bytes/s of copies in device memory, of NF4
     dequantization (bytes read + written), host<->device (None: the CPU computes in host memory), of the
-    all-gather between ranks; FLOP/s of attention (None: the matmul rate); bytes/s of the step's elementwise
+    all-gather between ranks; FLOP/s of attention and of the LoRA adapters (None: the matmul rate); bytes/s of the step's elementwise
     operators at its activation size (None: the copy rate); and the fixed seconds per call:
     per ATen operator, per Python function call, per C++-to-Python callback (an autograd Function's forward
     or backward, a hook), per collective (its latency)."""
@@ -145,6 +145,7 @@ class Machine:
     op_seconds: float = 10e-6
     attention_flops: float | None = None
     elementwise_bytes_per_s: float | None = None
+    adapter_flops: float | None = None
     python_seconds: float = 0.3e-6
     callback_seconds: float = 20e-6
     collective_seconds: float = 50e-6
@@ -154,19 +155,21 @@ class Machine:
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """The shapes ``recipe.microbench`` measures a machine at: the step's linears (tokens, in, out), its
-    attention (batch, heads, seq, head_dim, masked: an explicit mask rather than ``is_causal``) and its
-    activations (tokens, hidden, intermediate)."""
+    attention (batch, heads, seq, head_dim, masked: an explicit mask rather than ``is_causal``), its
+    activations (tokens, hidden, intermediate) and one layer's LoRA adapters (tokens, in, out, r)."""
     linears: tuple[tuple[int, int, int], ...]
     attention: tuple[int, int, int, int, bool]
     activations: tuple[int, int, int]
+    adapters: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def workload_of(config, setup: Setup, masked: bool = False) -> Workload:
     shape = llama_config(config)
     tokens = setup.batch_size * setup.seq_len
     linears = tuple((tokens, i, o) for o, i in linear_shapes(shape).values()) + ((tokens, shape.hidden_size, shape.vocab_size),)
+    adapters = tuple((tokens, i, o, setup.rank) for name, (o, i) in linear_shapes(shape).items() if name in setup.target_modules)
     return Workload(linears, (setup.batch_size, shape.num_attention_heads, setup.seq_len, shape.head_dim, masked),
-                    (tokens, shape.hidden_size, shape.intermediate_size))
+                    (tokens, shape.hidden_size, shape.intermediate_size), adapters)
 
 
 def datasheet(name: str, tflops: float, memory_gbs: float, host_gbs: float, peer_gbs: float) -> Machine:
@@ -255,7 +258,8 @@ def step_work(config, setup: Setup, masked: bool = False) -> dict[str, float]:
     shard = (n * (units["codes"] + units["absmax"] + units["norms"] + 4 * units["lora_params"])
              + units["embedding"] + units["head"]) / w
     attention = attention_flops(shape, setup, masked=False)
-    return {"flops": sum(step_flops(shape, setup).values()) - attention,
+    adapters = lora_parameters(shape, setup) * setup.batch_size * setup.seq_len * 2 * (passes + 1)
+    return {"flops": sum(step_flops(shape, setup).values()) - attention, "adapter_flops": adapters,
             "attention_flops": attention_flops(shape, setup, masked),
             "dequantize_bytes": passes * weights * (per_weight_read + c) if setup.quantize else 0.0,
             "elementwise_bytes": sum(elementwise_by_phase(shape, setup).values()),
@@ -268,7 +272,8 @@ def step_seconds(config, setup: Setup, machine: Machine, masked: bool = False) -
     """Seconds per step by kind of work, and the total under the overlap assumptions above (``masked``: the
     batches carry an explicit attention mask, as packed rows do)."""
     work = step_work(config, setup, masked)
-    t = {"compute": work["flops"] / machine.matmul_flops,
+    t = {"compute": (work["flops"] - work["adapter_flops"]) / machine.matmul_flops
+                    + work["adapter_flops"] / (machine.adapter_flops or machine.matmul_flops),
          "attention": work["attention_flops"] / (machine.attention_flops or machine.matmul_flops),
          "dequantize": work["dequantize_bytes"] / machine.dequantize_bytes_per_s,
          "elementwise": work["elementwise_bytes"] / (machine.elementwise_bytes_per_s or machine.copy_bytes_per_s),
