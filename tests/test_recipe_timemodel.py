@@ -87,7 +87,7 @@ def test_microbenchmark_measures_positive_rates():
     workload = workload_of(TINY, Setup(batch_size=1, seq_len=16), masked=True)
     machine = measure_machine(workload, ranks=1, dtype="float32", repeats=1)
     assert min(machine.matmul_flops, machine.attention_flops, machine.copy_bytes_per_s, machine.dequantize_bytes_per_s,
-               machine.elementwise_bytes_per_s,
+               machine.elementwise_bytes_per_s, machine.adapter_flops,
                machine.gather_bytes_per_s, machine.op_seconds, machine.python_seconds, machine.callback_seconds,
                machine.collective_seconds) > 0
     assert machine.host_link_bytes_per_s is None and "us per callback" in describe(machine) and "elementwise" in describe(machine)
@@ -296,3 +296,21 @@ def test_elementwise_term_by_hand():
     assert step_seconds(TINY, setup, machine)["elementwise"] == pytest.approx(total / 2e9)
     copy_rate = dataclasses.replace(machine, elementwise_bytes_per_s=None)
     assert step_seconds(TINY, setup, copy_rate)["elementwise"] == pytest.approx(total / 1e10)
+
+
+def test_lora_adapters_at_their_own_rate():
+    """LoRA's FLOPs (2 P forward, 2 P recompute, 4 P backward per token, P = r (in + out) per adapter) are
+    priced at the adapters' rate, the rest of the linears at the matmul rate; none measured: the matmul rate."""
+    from recipe.timemodel import step_work, workload_of
+
+    setup = Setup(batch_size=2, seq_len=8, rank=4, activation_checkpointing=False)
+    P = lora_parameters(llama_config(TINY), setup)
+    work = step_work(TINY, setup)
+    assert work["adapter_flops"] == 6 * P * 16
+    assert step_work(TINY, dataclasses.replace(setup, activation_checkpointing=True))["adapter_flops"] == 8 * P * 16
+    machine = Machine("m", 1e12, 1e10, 1e10, None, 1e10, adapter_flops=1e9)
+    assert step_seconds(TINY, setup, machine)["compute"] == pytest.approx((work["flops"] - 6 * P * 16) / 1e12 + 6 * P * 16 / 1e9)
+    same = dataclasses.replace(machine, adapter_flops=None)
+    assert step_seconds(TINY, setup, same)["compute"] == pytest.approx(work["flops"] / 1e12)
+    adapters = workload_of(TINY, dataclasses.replace(setup, target_modules=("q_proj", "down_proj"))).adapters
+    assert adapters == ((16, 64, 64, 4), (16, 128, 64, 4))
