@@ -7,7 +7,8 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
 
 * FLOPs. A linear of o x i weights costs 2 o i per token forward. The frozen base needs no weight
   gradient, so its backward is the input gradient only: 1x its forward. LoRA (r x i and o x r) costs
-  2 r (i + o) forward and 2x that backward (input and weight gradients). Causal attention costs
+  2 r (i + o) forward and 2x that backward (input and weight gradients), at the adapters' own measured
+  rate (thin r-wide matmuls run far below the large ones' rate on a CPU). Causal attention costs
   2 s h per token forward (QK^T and AV, half the square) and 2x that backward; with an explicit mask
   (packed rows, the main job's instruction data) SDPA computes the whole square, twice that
   (``attention_flops``), at its own measured rate (small head dims run far below the matmul rate on a
@@ -91,14 +92,13 @@ behind the GPUs' work; paid in line it would be 4.2% and 8.4% of the steps.
 
 On this 2-core CPU (``--cpu``; ``python -m recipe.timecheck`` for the bundled model, which measures the
 rates and the steps in the same processes; all measured while the machine was shared): the main job
-(batch 4 x 256, packed rows) is predicted at 0.77x / 0.79x of its measured CPU time per step at 1 / 2
-ranks (a run under heavier load: 0.76x / 0.75x), and 0.79x / 0.49x of its wall-clock step (the 2-rank
-run got a third of a core per rank). The elementwise bytes are 14% of the prediction, the overhead
-10-12%. Timed operator by operator inside the step, the memory-bound operators run at ~12 GB/s of CPU
-time (the micro-benchmark: 13-17), while the matmuls take ~15-30% longer than the benchmark's rate
-gives, and the measured window holds the loop's own work besides the steps: that is the residual. A
-Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) was predicted at 111
-s/step against 116 s/step measured (0.96x) before the elementwise term was counted (~7.9 GB there).
+(batch 4 x 256, packed rows) is predicted at 0.93x / 0.99x of its measured CPU time per step at 1 / 2
+ranks, and 0.84x / 0.99x of its wall-clock step. The LoRA adapters (rank 8) run at 23-27 GFLOP/s of CPU
+time against 178-181 for the large matmuls: they are a third of the predicted compute. The elementwise
+bytes are 12-16% of the prediction (13-17 GB/s; timed operator by operator inside the step, ~12), the
+overhead 6-10%. A Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) was
+predicted at 111 s/step against 116 s/step measured (0.96x) before the elementwise bytes (~7.9 GB
+there) and the adapters' rate were measured (not re-measured since).
 """
 from __future__ import annotations
 
