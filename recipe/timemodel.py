@@ -29,8 +29,8 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
       backward    t (n (279.4 h + 24 i) + 30 v)                 549 MB
 
   The hidden terms hold every tensor not i or v wide (hidden, KV and LoRA widths, norms' statistics, the
-  mask); the backward's once-per-model part is folded into its per-layer term (one layer count was
-  counted). Within 2% of the count at 1 and 2 ranks, with and without checkpointing. Priced at the
+  mask); the backward's once-per-model part is folded into its per-layer term (only the 6-layer model
+  was counted). Within 2% of the count at 1 and 2 ranks, with and without checkpointing. Priced at the
   elementwise bandwidth (``recipe.microbench``: a norm, a residual add and a SwiGLU product at the step's
   activation size, in the compute dtype, its bytes counted the same way); a GPU's datasheet entry has
   none, so its copy rate (80% of memory bandwidth): there this work is bound by HBM and adds to the step.
@@ -109,22 +109,15 @@ from .plan import Setup, linear_shapes, llama_config, lora_parameters, unit_byte
 
 MATMUL_FRACTION, MEMORY_FRACTION, LINK_FRACTION = 0.7, 0.8, 0.8
 HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DDR4/5, assumed
-# What a step dispatches, per rank, one torch thread per rank (``recipe.opcount`` on the bundled model,
-# torch 2.13, CPU path; world size does not change them). Per phase: (per decoder layer, per LoRA-wrapped
-# linear of a layer, once per model: embedding, lm_head, loss and the sharder's ends). Each dequantization
-# costs 4 more operators per 2**20 values beyond its first chunk (``nf4.fast_path``). Operators, callbacks
-# and collectives are exact; Python calls are fitted (within 3% on the counted configurations), less the
-# counter's own 3 per operator.
+# What a step dispatches per rank and phase (module doc; ``recipe.opcount``, torch 2.13, CPU path, one torch
+# thread): (per decoder layer, per LoRA-wrapped linear of a layer, once per model).
 OPS = {"data": (0, 0, 172), "forward": (368, 11, 71), "recompute": (326, 11, -18),
        "backward": (385, 25, -77), "optimizer": (13, 0, 18)}
 PYTHON = {"data": (0, 0, 1146), "forward": (2242, 105, 451), "recompute": (3053, 105, 31),   # Python calls
           "backward": (2183, 121, -366), "optimizer": (60, 0, 268)}
 CALLBACKS = {"forward": (8, 1, 1), "recompute": (65 - 7, 1, -8), "backward": (11, 0, 0)}  # C++ -> Python calls
 COLLECTIVES = {"data": (0, 0, 1), "forward": (2, 0, 3), "backward": (3, 0, 1), "optimizer": (0, 0, 1)}
-# Memory-bound bytes (read + written) per token, bf16 compute (``recipe.opcount``'s "bytes", split by
-# ``bytes_by_width``): per phase (per layer per hidden unit, per layer per intermediate unit, once per hidden
-# unit, once per vocab entry). Dequantization (priced at its own rate) and the optimizer (``optimizer_bytes``)
-# are not in them; the backward's once-per-model part is folded into its per-layer hidden term.
+# Memory-bound bytes per token and phase (module doc): (per layer x h, per layer x i, once x h, once x v).
 ELEMENTWISE = {"forward": (115.2, 10, 84.5, 18), "recompute": (115.2, 10, 0, 0), "backward": (279.4, 24, 0, 30)}
 
 
