@@ -93,7 +93,8 @@ behind the GPUs' work; paid in line it would be 4.2% and 8.4% of the steps.
 On this 2-core CPU (``--cpu``; ``python -m recipe.timecheck`` for the bundled model, which measures the
 rates and the steps in the same processes; all measured while the machine was shared): the main job
 (batch 4 x 256, packed rows) is predicted at 0.93x / 0.99x of its measured CPU time per step at 1 / 2
-ranks, and 0.84x / 0.99x of its wall-clock step. The LoRA adapters (rank 8) run at 23-27 GFLOP/s of CPU
+ranks, and 0.84x / 0.99x of its wall-clock step (another run: 0.90x / 0.85x by CPU time, 0.96x / 0.98x
+by the wall clock). The LoRA adapters (rank 8) run at 23-27 GFLOP/s of CPU
 time against 178-181 for the large matmuls: they are a third of the predicted compute. The elementwise
 bytes are 12-16% of the prediction (13-17 GB/s; timed operator by operator inside the step, ~12), the
 overhead 6-10%. A Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) was
