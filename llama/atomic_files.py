@@ -91,23 +91,26 @@ def replace_directory(tmp: str | Path, final: str | Path) -> None:
     removed after, so at every moment `committed_directory(final)` holds the old set or the new one."""
     tmp, final, previous = _absolute(tmp), _absolute(final), previous_name(final)
     recover(final)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(tmp, final)
+    except BaseException:
+        recover(final)  # a failed second rename: the previous set goes back
+        raise
     shutil.rmtree(previous, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield an empty `temporary_sibling` of ``path``; on success it replaces ``path`` (`replace_directory`),
-    on an exception it is deleted and ``path`` is left as it was."""
+    """Yield an empty `temporary_sibling` of ``path``; on success it replaces ``path`` (`replace_directory`);
+    on an exception, in the block or in the renames, it is deleted and ``path`` is left as it was."""
     tmp = temporary_sibling(path)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_directory(tmp, path)
+        replace_directory(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
 
 
 def link_other_files(old: str | Path, new: str | Path, replaced: Callable[[str], bool]) -> None:

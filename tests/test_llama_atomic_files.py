@@ -77,3 +77,21 @@ def test_recipe_and_the_hf_writer_use_this_one_implementation():
                  "committed_directory", "recover"):
         assert getattr(recipe.files, name) is getattr(atomic_files, name)
     assert hf_writer.atomic_directory is atomic_files.atomic_directory
+
+
+def test_a_failed_commit_rename_puts_the_previous_set_back(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    with atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real = os.replace
+
+    def fail_on_the_commit(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("no space")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", fail_on_the_commit)
+    with pytest.raises(OSError, match="no space"):
+        with atomic_directory(final) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
