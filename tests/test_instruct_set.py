@@ -65,5 +65,18 @@ def test_an_example_the_template_cannot_render_is_named(tmp_path):
 def test_an_unknown_module_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_instruct_set.py"), "--out", str(tmp_path),
                              "--modules", "json,no_such_module"], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr == "error: No module named 'no_such_module'\n"
+    assert result.returncode == 2 and result.stderr == (
+        "error: argument --modules: cannot import 'no_such_module' (No module named 'no_such_module')\n")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_heldout_module_outside_modules_and_an_unwritable_out_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        make_instruct_set.main(["--out", str(tmp_path), "--modules", "json", "--heldout", "heapq"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: argument --heldout: ['heapq'] are not in --modules\n"
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_instruct_set.py"), "--out",
+                             str(tmp_path / "file" / "out"), "--modules", "json", "--heldout", "json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
