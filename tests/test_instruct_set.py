@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import llama
+from cli_run import assert_one_line, run_as_command
 from recipe.instruct import load_instruct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,10 +72,9 @@ def test_an_unknown_module_is_a_one_line_error(tmp_path):
 
 
 def test_a_heldout_module_outside_modules_and_an_unwritable_out_are_one_line_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        make_instruct_set.main(["--out", str(tmp_path), "--modules", "json", "--heldout", "heapq"])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err == "error: argument --heldout: ['heapq'] are not in --modules\n"
+    assert_one_line(*run_as_command(make_instruct_set.main, ["--out", str(tmp_path), "--modules", "json", "--heldout",
+                                                             "heapq"], capsys),
+                    "error: argument --heldout: ['heapq'] are not in --modules")
     (tmp_path / "file").write_text("")
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_instruct_set.py"), "--out",
                              str(tmp_path / "file" / "out"), "--modules", "json", "--heldout", "json"],
