@@ -80,3 +80,4 @@ def test_a_heldout_module_outside_modules_and_an_unwritable_out_are_one_line_err
                              str(tmp_path / "file" / "out"), "--modules", "json", "--heldout", "json"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
