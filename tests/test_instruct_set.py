@@ -1,6 +1,7 @@
 """tools/make_instruct_set.py: offline, deterministic (same command, same bytes), held out by module;
 and the bundled set it made reads as chat JSONL whose examples fit the bundled model's context."""
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -81,3 +82,25 @@ def test_a_heldout_module_outside_modules_and_an_unwritable_out_are_one_line_err
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
+
+
+def test_a_failure_while_the_set_is_put_in_place_leaves_the_previous_set(tmp_path, monkeypatch):
+    modules = ("json",)
+    make_instruct_set.make(tmp_path / "set", modules, modules)
+    (tmp_path / "set" / "NOTES.txt").write_text("kept")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # whichever files the tool renames, the second rename fails
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full at the second rename")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        make_instruct_set.make(tmp_path / "set", ("json", "heapq"), modules)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    make_instruct_set.make(tmp_path / "set", ("json", "heapq"), modules)
+    assert (tmp_path / "set" / "NOTES.txt").read_text() == "kept"

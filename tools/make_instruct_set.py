@@ -21,8 +21,8 @@ Same command on the same Python version, same bytes: names are visited in sorted
 depends on the machine (no paths, no dates). Docstrings change between Python versions, so
 ``manifest.json`` records the version the set was made with. The text is from the Python
 documentation, under the PSF License Agreement (https://docs.python.org/3/license.html); ``README.md``
-beside the files says so. Every file is written in full into a temporary folder first, then renamed
-into place one by one (a failure while generating or writing leaves the old files untouched).
+beside the files says so. The files are written all-or-nothing: into a temporary folder beside ``--out``
+that then replaces it (a failure or a kill leaves the old set or the new one, never a mix).
 """
 from __future__ import annotations
 
@@ -32,14 +32,13 @@ import inspect
 import json
 import platform
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: its own llama and recipe
 
+from llama.atomic_files import atomic_directory, link_other_files  # noqa: E402
 from llama.cli import Parser, run_command  # noqa: E402
 from recipe.data import load_documents  # noqa: E402
 
@@ -147,7 +146,8 @@ def jsonl(examples: list[dict]) -> bytes:
 
 
 def make(out: Path, modules: tuple[str, ...], heldout: tuple[str, ...]) -> dict:
-    """Write train.jsonl, heldout.jsonl, manifest.json and README.md into ``out`` (staged, then renamed)."""
+    """Write train.jsonl, heldout.jsonl, manifest.json and README.md into ``out``, all-or-nothing
+    (``llama.atomic_files.atomic_directory``; other files in ``out`` are kept)."""
     splits = {"train": statement_examples() + method_examples(), "heldout": []}
     for name in modules:
         splits["heldout" if name in heldout else "train"] += module_examples(name)
@@ -159,15 +159,10 @@ def make(out: Path, modules: tuple[str, ...], heldout: tuple[str, ...]) -> dict:
                 "licence": "PSF License Agreement for Python (https://docs.python.org/3/license.html)"}
     files["manifest.json"] = (json.dumps(manifest, indent=1) + "\n").encode()
     files["README.md"] = LICENCE.replace("{version}", ".".join(version)).encode()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".instruct-set-", dir=out))
-    try:
+    with atomic_directory(out) as staging:
+        link_other_files(out, staging, replaced=files.__contains__)
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        for name in files:
-            (staging / name).replace(out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
