@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = Parser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--data", default="pydoc", help="as recipe.train's --data (default: the pydoc topics)")
+    p.add_argument("--data", default=None, help="as recipe.train's --data (default: the main job's, the bundled "
+                   "instruction set)")
     p.add_argument("--heldout", default=None, help="as recipe.train's --heldout")
     p.add_argument("--template", default="auto", help="as recipe.train's --template")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="as recipe.train's")
@@ -123,7 +124,7 @@ def main(argv=None) -> str:
               str(args.batch_size), "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
               "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--dtype", args.dtype,
               "--device", device.type, "--eval-every", str(args.steps), "--save-every", str(args.steps),
-              "--no-progress", "--samples", "0", "--data", args.data, "--template", args.template,
+              "--no-progress", "--samples", "0", *(["--data", args.data] if args.data else []), "--template", args.template,
               "--packing" if args.packing else "--no-packing", *(["--heldout", args.heldout] if args.heldout else []),
               *(["--profile"] if args.profile else [])]
     out = Path(args.out or tempfile.mkdtemp(prefix="home70b-e2e-"))

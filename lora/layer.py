@@ -13,9 +13,11 @@ The base runs through `FrozenLinear` (frozen.py): no weight gradient, nothing sa
 dequantized again in backward. The adapter runs in plain autograd in ``dtype`` (float32 by default,
 like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back. The scale s
 multiplies the small ``[tokens, r]`` tensor ``A x``, never a ``[tokens, out]`` one; when the adapter and
-the base compute in one dtype, ``torch.addmm(base(x), A x, B^T, alpha=s)`` adds the update inside the B
-GEMM, so the forward makes no ``[tokens, out]`` temporary beside the base output (PEFT makes three: the
-B output, its scaled copy, and the sum).
+the base compute in one dtype, ``base(x).addmm_(A x, B^T, alpha=s)`` adds the update inside the B GEMM,
+in place on the base output (which nothing saved for backward), so the forward allocates no
+``[tokens, out]`` tensor beyond the base output (PEFT allocates three more: the B output, its scaled
+copy, and the sum). The input is flattened to ``[tokens, in]`` first, so the base output is a tensor of
+its own, not a view, and can be updated in place.
 """
 import math
 
@@ -112,18 +114,19 @@ class LoRALinear(nn.Module):
             raise TypeError(f"input x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"input x has shape {tuple(x.shape)}, expected [..., in_features = {self.in_features}]")
-        result = frozen_linear(self.base_layer, x)
         if self.merged:
-            return result
-        x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        down = self.lora_A(x_lora)  # [..., r]
+            return frozen_linear(self.base_layer, x)
+        flat = x.reshape(-1, self.in_features)  # [tokens, in]: the base output is then not a view
+        result = frozen_linear(self.base_layer, flat)
+        x_lora = self.lora_dropout(flat.to(self.lora_A.weight.dtype))
+        down = self.lora_A(x_lora)  # [tokens, r]
         if self.dora:
-            return self._dora_forward(x, x_lora, result, self.lora_B(down * self.scaling))
-        if down.dtype == result.dtype:  # one GEMM adds s * down @ B^T onto the base output: no [.., out] temporary
-            flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r),
-                               self.lora_B.weight.t(), alpha=self.scaling)
-            return flat.view(result.shape)
-        return result + self.lora_B(down * self.scaling).to(result.dtype)  # s applied to the small [.., r] tensor
+            out = self._dora_forward(flat, x_lora, result, self.lora_B(down * self.scaling))
+        elif down.dtype == result.dtype:  # s * down @ B^T added onto the base output in place, inside the B GEMM
+            out = result.addmm_(down, self.lora_B.weight.t(), alpha=self.scaling)
+        else:
+            out = result + self.lora_B(down * self.scaling).to(result.dtype)  # s applied to the small [.., r] tensor
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _dora_forward(self, x, x_lora, result, update):
         """PEFT's DoRA: ``base(x) + (g - 1) W x_d + g s B A x_d``, ``g = m / ||W + s B A||`` detached.
