@@ -84,10 +84,12 @@ def all_gather_bytes(full: torch.Tensor, shard: torch.Tensor, group, async_op: b
     return _all_gather_flat(full.view(torch.uint8), shard.view(torch.uint8), group=group, async_op=async_op)
 
 
-def reduce_scatter_sum(mine: torch.Tensor, full: torch.Tensor, group) -> None:
-    """Sum ``full`` over the shard group; this rank receives its slice in ``mine``."""
+def reduce_scatter_sum(mine: torch.Tensor, full: torch.Tensor, group):
+    """Start summing ``full`` over the shard group, this rank's slice into ``mine``; returns the work to
+    ``wait()`` on. The caller may drop ``full`` as soon as this returns: the backend keeps what it still
+    needs (gloo sums a copy it takes here; NCCL keeps the input alive until the collective is done)."""
     _count("shard", "reduce_scatter", full)
-    _reduce_scatter_flat(mine, full, group=group)
+    return _reduce_scatter_flat(mine, full, group=group, async_op=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group, role: str) -> None:

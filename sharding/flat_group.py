@@ -224,8 +224,9 @@ class FlatGroup:
             grad = self.full.grad.to(self.reduce_dtype)
             self.full.grad = None
             mine = torch.empty(self.shard_numel, dtype=self.reduce_dtype, device=self.device)
-            reduce_scatter_sum(mine, grad, layout.shard_group)
-            del grad
+            work = reduce_scatter_sum(mine, grad, layout.shard_group)
+            del grad  # the whole-size gradient is dead once issued (as FSDP2 frees it): not alive during the sum
+            work.wait()
             if layout.replicate_size > 1:  # hybrid: the replicas of this slice sum their partial sums
                 all_reduce_sum(mine, layout.replicate_group, "replicate")
             mine.div_(layout.data_parallel_size)

@@ -157,12 +157,17 @@ def _collect_unit(unit, prefix, unit_ids, home) -> list[Member]:
     reference to it, the unit that took it) over all units so far: a tensor registered in two units
     (weights tied across units) is refused. The weak reference tells a tensor still alive in an earlier
     unit from a new tensor that reuses the id of one already freed after slicing.
+
+    The walk is a loop over an explicit stack, not a recursive inner function: such a function refers to
+    itself through its closure, a reference cycle that would keep every Member (and so the unit's full,
+    unsharded tensors) alive until Python's cycle collector happens to run, long after slicing.
     """
     name = prefix.removesuffix(".") or "root"
     persistent = set(unit.state_dict(prefix=prefix, keep_vars=True))
     found: dict[int, Member] = {}
-
-    def visit(module, prefix):
+    stack = [(unit, prefix)]
+    while stack:
+        module, prefix = stack.pop()
         registered = [(n, t, t.requires_grad) for n, t in module.named_parameters(recurse=False)]
         registered += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
         for attribute, tensor, trainable in registered:
@@ -177,11 +182,8 @@ def _collect_unit(unit, prefix, unit_ids, home) -> list[Member]:
             if (module, attribute) not in member.owners:
                 member.owners.append((module, attribute))
             member.persistent |= key in persistent
-        for child_name, child in module.named_children():
-            if id(child) not in unit_ids:
-                visit(child, f"{prefix}{child_name}.")
-
-    visit(unit, prefix)
+        children = [(c, f"{prefix}{n}.") for n, c in module.named_children() if id(c) not in unit_ids]
+        stack.extend(reversed(children))  # popped in definition order: the same order as a recursive walk
     return list(found.values())
 
 

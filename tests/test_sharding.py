@@ -4,7 +4,9 @@ One spawned job per world size runs every check (spawning costs seconds, the che
 and returns tensors; the tests below compare them with a plain single-process run and with PyTorch
 FSDP2 ``fully_shard`` on the same model and data.
 """
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -220,6 +222,24 @@ def offload_arena(rank, world):
             "inside": all(start <= t.data_ptr() < end and t.device.type == "cpu" for t in held)}
 
 
+def originals_freed_by_slicing(rank, world):
+    """How many of the model's full tensors are still alive right after shard_model, with Python's cycle
+    collector off: every one must be freed by reference counting alone, as soon as its unit is sliced."""
+    torch.manual_seed(0)
+    model = Tiny()
+    originals = [weakref.ref(t) for t in [*model.parameters(), *model.buffers()]]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        sharded = sharding.shard_model(model, list(model.layers))
+        alive = sum(ref() is not None for ref in originals)
+    finally:
+        if was_enabled:
+            gc.enable()
+    del sharded
+    return alive
+
+
 def disagreeing_ranks(rank, world):
     """Rank 0 builds a wider model than the others: every rank must raise, none may hang."""
     model = Tiny(dim=DIM + (rank == 0))
@@ -286,6 +306,7 @@ def job(rank, world):
     out["reference"] = {v[3:]: train_reference(*v[3:]) for v in VARIANTS.values()} if rank == 0 else None
     out["frozen"] = frozen_round_trip(rank, world)
     out["state_dict"] = state_dict_round_trip(rank, world)
+    out["originals_alive"] = originals_freed_by_slicing(rank, world)
     out["disagree"] = disagreeing_ranks(rank, world) if world > 1 else None
     out["offload_arena"] = offload_arena(rank, world)
     out["meta_left"] = meta_left_by_materialize(rank, world)
@@ -335,6 +356,13 @@ def test_each_rank_holds_one_slice_and_one_slice_of_optimizer_state(ranks):
         # AdamW keeps exp_avg + exp_avg_sq (+ a step counter per parameter)
         assert 2 * 4 * trainable <= memory["optimizer"] <= 2 * 4 * trainable + 8 * len(groups)
         assert memory["gathered"] == 0 and memory["grads"] == 0  # after step + zero_grad, nothing is held
+
+
+def test_the_full_tensors_are_freed_as_soon_as_sliced_without_the_cycle_collector(ranks):
+    """A reference cycle in the wrapping code would keep a unit's full tensors alive until Python's cycle
+    collector ran, possibly through the first training steps, above the memory of the shards."""
+    world, results = ranks
+    assert [r["originals_alive"] for r in results] == [0] * world
 
 
 def test_frozen_uint8_and_bf16_round_trip_bit_exactly_and_are_never_reduced(ranks):
