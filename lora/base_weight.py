@@ -14,8 +14,6 @@ Three questions are asked of a base: give me the weight as a float tensor (`dequ
 stored weight quantized (`is_quantized`), and store this float tensor as the new weight
 (`replace_weight`, used by merge), which re-quantizes through the base's own quantizer.
 """
-import functools
-import inspect
 import warnings
 
 import torch
@@ -40,37 +38,17 @@ def is_quantized(base: nn.Module) -> bool:
     return _bnb_quant_state(weight) is not None or not isinstance(weight, torch.Tensor)
 
 
-@functools.cache
-def _dequantize_takes_out(weight_type: type) -> bool:
-    try:
-        return "out" in inspect.signature(weight_type.dequantize).parameters
-    except (TypeError, ValueError):  # a builtin without a readable signature
-        return False
-
-
-def takes_out(weight) -> bool:
-    """True when ``weight`` is a quantized weight object (not a tensor) whose ``dequantize`` takes ``out=``."""
-    return not isinstance(weight, torch.Tensor) and callable(getattr(weight, "dequantize", None)) \
-        and _dequantize_takes_out(type(weight))
-
-
-def dequantized_weight(base: nn.Module, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantized_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight as a ``[out_features, in_features]`` float tensor (a fresh copy when quantized).
 
-    ``out``: a ``[out, in]`` tensor of ``dtype`` to write it into, for a weight that `takes_out` (ValueError
-    otherwise). Nothing here records autograd history: the base is frozen, and callers use the result
-    inside ``torch.no_grad()`` or a custom autograd Function's backward.
+    Nothing here records autograd history: the base is frozen, and callers use the result inside
+    ``torch.no_grad()`` or a custom autograd Function's backward.
     """
     if not isinstance(base, nn.Module) or not is_linear_like(base):
         raise TypeError(f"base must be a linear-like module (in_features, out_features, weight); got {type(base).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating-point torch.dtype; got {dtype!r}")
     weight = base.weight
-    if out is not None and not (takes_out(weight) and dtype is not None and out.dtype == dtype
-                                and tuple(out.shape) == (base.out_features, base.in_features)):
-        raise ValueError(f"out= needs a weight whose dequantize takes out= and a [out, in] = "
-                         f"{[base.out_features, base.in_features]} tensor of dtype {dtype}; got {type(weight).__name__} "
-                         f"and {getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
     quant_state = _bnb_quant_state(weight)
     if quant_state is not None:
         from bitsandbytes.functional import dequantize_4bit  # only reached when bitsandbytes made the base
@@ -79,7 +57,7 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype | None = None, out: t
     elif isinstance(weight, torch.Tensor):
         weight = weight.detach()
     elif callable(getattr(weight, "dequantize", None)):
-        weight = weight.dequantize(dtype=dtype, **({} if out is None else {"out": out}))  # no second copy
+        weight = weight.dequantize(dtype=dtype)  # straight into the compute dtype, no second copy
     else:
         raise TypeError(
             f"base.weight must be a tensor or have .dequantize(dtype=None); got {type(weight).__name__} "

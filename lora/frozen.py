@@ -22,33 +22,11 @@ the LoRA path: dropout's mask, DoRA's extra terms, dtype casts, and gradient che
 The forward needs no fusion: `LoRALinear` adds ``s * (A x) B^T`` onto this Function's output inside the
 B GEMM (``addmm_`` with ``alpha = s``, in place on this Function's output), so no ``[tokens, out]``
 temporary is made for the update.
-
-On CPU, backward dequantizes into one reused workspace per thread and dtype (the size of the largest
-weight seen) when the base's weight object takes ``dequantize(dtype=, out=)``: a fresh weight-sized
-tensor per call would be page-faulted in anew every time (a GPU's caching allocator reuses freed
-blocks already). Safe because the weight is used by one GEMM and never outlives ``backward``.
 """
-import threading
-
 import torch
 from torch import nn
 
-from .base_weight import dequantized_weight, is_linear_like, takes_out
-
-_workspaces = threading.local()
-
-
-def _backward_weight(base: nn.Module, like: torch.Tensor) -> torch.Tensor:
-    """The base weight in ``like``'s dtype for one backward GEMM with ``like``: for a plain CPU tensor
-    (not a GPU, meta or fake one), written into this thread's workspace when the weight's ``dequantize``
-    takes ``out=``; otherwise a fresh tensor (`dequantized_weight`)."""
-    dtype = like.dtype
-    if type(like) is not torch.Tensor or like.device.type != "cpu" or not takes_out(base.weight):
-        return dequantized_weight(base, dtype)
-    numel, buffers = base.out_features * base.in_features, _workspaces.__dict__
-    if dtype not in buffers or buffers[dtype].numel() < numel:
-        buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return dequantized_weight(base, dtype, out=buffers[dtype][:numel].view(base.out_features, base.in_features))
+from .base_weight import dequantized_weight, is_linear_like
 
 
 class FrozenLinear(torch.autograd.Function):
@@ -64,7 +42,7 @@ class FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        weight = _backward_weight(ctx.base, grad_output)  # dequantize again; not kept after return
+        weight = dequantized_weight(ctx.base, grad_output.dtype)  # dequantize again; freed on return
         return (grad_output @ weight).to(ctx.input_dtype), None
 
 

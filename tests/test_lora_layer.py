@@ -273,52 +273,6 @@ def test_importing_lora_imports_no_quantization_library():
     assert result.stdout.strip() == "[]"
 
 
-class _OutWeight:
-    """A quantized weight whose ``dequantize`` takes ``out=`` (as nf4's does); it counts the calls given one."""
-
-    def __init__(self, inner):
-        self.inner, self.calls_with_out = inner, 0
-
-    def dequantize(self, dtype=None, out=None):
-        weight = self.inner.dequantize(dtype)
-        if out is None:
-            return weight
-        self.calls_with_out += 1
-        return out.copy_(weight)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_into_a_reused_workspace_matches_a_fresh_weight(dtype):
-    """Two sizes of layer (the workspace grows, then is reused): gradients bit-for-bit those of a base
-    whose weight has no ``out=``, and the workspace was used for every backward."""
-    torch.manual_seed(0)
-    for shape in [(IN, OUT), (2 * IN, 3 * OUT), (IN, OUT)]:
-        plain = FakeQuantLinear(nn.Linear(*shape, bias=False, dtype=dtype))
-        reusing = FakeQuantLinear(nn.Linear(*shape, bias=False, dtype=dtype))
-        reusing.weight = _OutWeight(plain.weight)  # the very same codes and scales
-        x = torch.randn(2, TOKENS, shape[0], dtype=dtype)
-        grads = []
-        for base in (plain, reusing):
-            torch.manual_seed(1)  # the same adapter over both bases
-            layer = lora.LoRALinear(base, r=R, alpha=8, dtype=dtype)
-            randomize_adapter(layer)
-            leaf = x.clone().requires_grad_()
-            layer(leaf).backward(torch.ones(2, TOKENS, shape[1], dtype=dtype))
-            grads.append(leaf.grad)
-        assert reusing.weight.calls_with_out == 1
-        assert torch.equal(grads[0], grads[1])
-
-
-def test_dequantized_weight_refuses_out_it_cannot_use():
-    base = make_base("fake-quantized")  # its weight's dequantize takes no out=
-    with pytest.raises(ValueError, match="out="):
-        lora.dequantized_weight(base, torch.float32, out=torch.empty(OUT, IN))
-    base.weight = _OutWeight(base.weight)
-    with pytest.raises(ValueError, match=r"\[out, in\]"):
-        lora.dequantized_weight(base, torch.float32, out=torch.empty(IN, OUT))
-    assert torch.equal(lora.dequantized_weight(base, torch.float32, out=torch.empty(OUT, IN)), base.weight.inner.dequantize())
-
-
 def test_the_update_is_added_in_place_onto_the_base_output():
     """Adapter and base in one dtype: the output is the base output's own memory (no [tokens, out]
     temporary), and equals base(x) + s * (A x) B^T computed apart, for a 3-D input."""
