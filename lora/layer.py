@@ -16,8 +16,8 @@ multiplies the small ``[tokens, r]`` tensor ``A x``, never a ``[tokens, out]`` o
 the base compute in one dtype, ``base(x).addmm_(A x, B^T, alpha=s)`` adds the update inside the B GEMM,
 in place on the base output (which nothing saved for backward), so the forward allocates no
 ``[tokens, out]`` tensor beyond the base output (PEFT allocates three more: the B output, its scaled
-copy, and the sum). The input is flattened to ``[tokens, in]`` first, so the base output is a tensor of
-its own, not a view, and can be updated in place.
+copy, and the sum). The base output is asked for as ``[tokens, out]`` (``frozen_linear(flatten=True)``),
+a tensor of its own, not a view, so it can be updated in place.
 """
 import math
 
@@ -116,17 +116,17 @@ class LoRALinear(nn.Module):
             raise ValueError(f"input x has shape {tuple(x.shape)}, expected [..., in_features = {self.in_features}]")
         if self.merged:
             return frozen_linear(self.base_layer, x)
-        flat = x.reshape(-1, self.in_features)  # [tokens, in]: the base output is then not a view
-        result = frozen_linear(self.base_layer, flat)
-        x_lora = self.lora_dropout(flat.to(self.lora_A.weight.dtype))
-        down = self.lora_A(x_lora)  # [tokens, r]
+        # first the base, then the adapter: the order autograd adds their gradients for x in, bit for bit
+        result = frozen_linear(self.base_layer, x, flatten=not self.dora)  # [tokens, out]: updatable in place
+        x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        down = self.lora_A(x_lora)  # [..., r]
         if self.dora:
-            out = self._dora_forward(flat, x_lora, result, self.lora_B(down * self.scaling))
-        elif down.dtype == result.dtype:  # s * down @ B^T added onto the base output in place, inside the B GEMM
-            out = result.addmm_(down, self.lora_B.weight.t(), alpha=self.scaling)
-        else:
-            out = result + self.lora_B(down * self.scaling).to(result.dtype)  # s applied to the small [.., r] tensor
-        return out.view(*x.shape[:-1], self.out_features)
+            return self._dora_forward(x, x_lora, result, self.lora_B(down * self.scaling))
+        if down.dtype == result.dtype:  # s * down @ B^T added onto the base output in place, inside the B GEMM
+            result.addmm_(down.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling)
+        else:  # s applied to the small [.., r] tensor
+            result = result + self.lora_B(down * self.scaling).reshape(-1, self.out_features).to(result.dtype)
+        return result.view(*x.shape[:-1], self.out_features)
 
     def _dora_forward(self, x, x_lora, result, update):
         """PEFT's DoRA: ``base(x) + (g - 1) W x_d + g s B A x_d``, ``g = m / ||W + s B A||`` detached.
