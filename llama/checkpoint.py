@@ -62,10 +62,16 @@ def stream_order(config: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every stored tensor in the order ``iter_checkpoint`` yields them: the tensors
     outside the decoder layers, then layer 0, 1, ..., each in architecture order."""
     shapes = expected_shapes(config)
-    groups: dict[int | None, list[str]] = defaultdict(list)
-    for name in shapes:
-        groups[layer_of(name)].append(name)
+    groups = _by_layer(shapes)
     return [(name, shapes[name]) for layer in [None, *range(config.num_hidden_layers)] for name in groups[layer]]
+
+
+def _by_layer(names) -> dict[int | None, list[str]]:
+    """The names grouped by decoder layer (None: outside the layers), each group in the given order."""
+    groups: dict[int | None, list[str]] = defaultdict(list)
+    for name in names:
+        groups[layer_of(name)].append(name)
+    return groups
 
 
 def layer_of(name: str) -> int | None:
@@ -153,9 +159,7 @@ def iter_checkpoint(directory: str | Path, config: LlamaConfig | None = None) ->
     entries = _group_bnb(files)
     shapes = expected_shapes(config)
     _check_keys(entries, files, shapes)
-    groups: dict[int | None, list[str]] = defaultdict(list)
-    for name, _ in stream_order(config):
-        groups[layer_of(name)].append(name)
+    groups = _by_layer(shapes)
     for layer in [None, *range(config.num_hidden_layers)]:
         names = groups[layer]
         paths = {files[key] for name in names for key in entries[name]}
@@ -201,7 +205,9 @@ def load_checkpoint(model: Llama | None, directory: str | Path,
     return model
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it over ``path`` (readable by all).
+    ``llama``'s own copy of ``recipe.files.write_atomically``: llama imports nothing above it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(str(tmp))
     os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; a checkpoint is meant to be shared
@@ -234,16 +240,16 @@ def save_checkpoint(model: Llama, directory: str | Path, max_shard_bytes: int = 
         shards[-1][name] = t
         size += nbytes
     config = {**model.config.to_hf(), "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
-    _atomic(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     if len(shards) == 1:
         (directory / INDEX_FILE).unlink(missing_ok=True)
-        _atomic(directory / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        write_atomically(directory / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
         return [directory / SINGLE_FILE]
     (directory / SINGLE_FILE).unlink(missing_ok=True)
     paths = [directory / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for path, shard in zip(paths, shards):
-        _atomic(path, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+        write_atomically(path, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": {name: path.name for path, shard in zip(paths, shards) for name in shard}}
-    _atomic(directory / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    write_atomically(directory / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
     return paths

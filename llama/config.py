@@ -48,7 +48,7 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
-        theta, scaling = _read_rope({"rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}, "LlamaConfig")
+        _, scaling = _read_rope({"rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}, "LlamaConfig")
         object.__setattr__(self, "rope_scaling", scaling)  # None for plain RoPE, else the checked llama3 keys
 
     @property
@@ -176,9 +176,8 @@ def _read_rope(raw: dict, source: str) -> tuple[float, dict | None]:
 
 
 def _llama3_scaling(params: dict, field: str) -> dict:
-    """The llama3 scaling parameters, checked; any other rope type is refused."""
-    if not isinstance(params, dict):
-        raise ValueError(f"{field} must be a dict, got {params!r}")
+    """The llama3 scaling parameters, checked; any other rope type is refused (``params``: a dict,
+    as `_read_rope` has checked)."""
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "llama3":
         raise ValueError(f"{field}: rope type {kind!r} is not supported (only 'default' and 'llama3')")

@@ -78,6 +78,11 @@ def batches(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.
 def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``(n, seq_len)`` of a 1-D token stream as int64 ids (the tail that does not
     fill one is dropped); with ``max_windows``, that many evenly spaced ones (deterministic)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise ValueError(f"max_windows must be an int >= 1 or None, got {max_windows!r}")
     n = ids.numel() // seq_len
     if n == 0:
         raise ValueError(f"a split of {ids.numel()} tokens is shorter than seq_len={seq_len}")

@@ -34,9 +34,10 @@ import torch
 
 
 def _check_2d(name: str, tensor: torch.Tensor) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be a (batch, seq) tensor, got {shape}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a (batch, seq) tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be a (batch, seq) tensor, got shape {tuple(tensor.shape)}")
 
 
 def causal_mask(q_len: int, kv_len: int | None = None, device=None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from .cli import Parser, integer, number, progress, run_command
 from .config import LlamaConfig
 from .corpus import batches, stdlib_tokens, windows
@@ -43,9 +43,9 @@ def init_weights(model: Llama, std: float = 0.02) -> None:
         torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.normal_(p, 0.0, std)
 
 
-def evaluate(model: Llama, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy (nats per token) over ``windows`` (n, seq_len), ``batch_size`` at a time."""
-    return mean_loss(model, windows.split(batch_size))
+def evaluate(model: Llama, rows: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats per token) over ``rows`` (n, seq_len), ``batch_size`` at a time."""
+    return mean_loss(model, rows.split(batch_size))
 
 
 def unigram_loss(train: torch.Tensor, heldout: torch.Tensor) -> float:
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "wall_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
         "unigram_heldout_loss": round(baseline, 4), "final_heldout_loss_bf16": round(final, 4), "curve": curve}
-    (args.out / "pretrain_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    write_atomically(args.out / "pretrain_log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=2) + "\n"))
     print(f"held-out loss {final:.4f} nats/token (bf16 weights; unigram baseline {baseline:.4f}); "
           f"wall {log['wall_seconds']} s; wrote {args.out}")
     return log

@@ -1,12 +1,14 @@
-"""What every training loop over the Llama shares: the learning-rate schedule and the held-out loss.
+"""The learning-rate schedule every training loop over the Llama uses, and pretraining's held-out loss.
 
-Used by the pretraining script (``llama/pretrain.py``), the fine-tuning loop (``recipe/loop.py``) and
-the library side of the end-to-end benchmark, so all three schedule and evaluate the same way.
+``warmup_cosine`` is the schedule of the pretraining script (``llama/pretrain.py``) and of the
+fine-tuning loop (``recipe/loop.py``, which the end-to-end benchmark's library stack trains through
+too), so both schedule the same way. ``mean_loss`` is the pretraining script's held-out loss; the
+fine-tuning loop weighs its held-out loss by target token instead (``recipe.loop.evaluate``).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -24,22 +26,16 @@ def warmup_cosine(step: int, steps: int, peak: float, warmup: int, floor: float 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's mean next-token cross-entropy on a batch of token ids (``labels = ids``)."""
-    return model(ids, labels=ids)[1]
-
-
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: Iterable, loss_of: Callable | None = None) -> float:
-    """Mean held-out loss over ``batches``, each weighted by its number of rows, in eval mode (no dropout,
-    so no random numbers are drawn: evaluating does not change a training run). ``loss_of(batch)`` gives
-    one batch's mean loss (default: `next_token_loss` of ``model`` on a tensor of ids)."""
-    loss_of = loss_of or (lambda ids: next_token_loss(model, ids))
+def mean_loss(model: nn.Module, batches: Iterable[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (``labels = ids``) over ``batches`` of token ids, each batch weighted by
+    its number of rows, in eval mode (no dropout, so no random numbers are drawn: evaluating does not
+    change a training run)."""
     was_training = model.training
     model.eval()
     total, rows = 0.0, 0
-    for batch in batches:
-        total, rows = total + loss_of(batch).item() * len(batch), rows + len(batch)
+    for ids in batches:
+        total, rows = total + model(ids, labels=ids)[1].item() * len(ids), rows + len(ids)
     model.train(was_training)
     if rows == 0:
         raise ValueError("mean_loss: no batches to evaluate")

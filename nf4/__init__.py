@@ -2,7 +2,8 @@
 
 The algorithm in its plain form: ``nf4/reference.py`` (read it first); the public functions run the
 fast path (``nf4/fast_path.py``), tested bit for bit against it. Bit-exact with bitsandbytes'
-``quantize_4bit(..., quant_type="nf4")`` on CPU, loadable both ways through its ``Linear4bit``
+``quantize_4bit(..., quant_type="nf4")`` on CPU; on CUDA tensors it follows the rounding of bitsandbytes'
+CUDA kernel (``nf4/rounding.py``; not yet verified on a GPU). Loadable both ways through its ``Linear4bit``
 state-dict format; one fused Triton kernel for dequantization on the GPU.
 
     qw = nf4.quantize(w, block_size=64, double_quant=True)   # -> nf4.QuantizedWeight

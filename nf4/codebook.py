@@ -3,10 +3,14 @@
 * ``NF4_CODE``: the 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023, section 3, eq. 4),
   exactly the fp32 table bitsandbytes ships (``bitsandbytes.functional.get_4bit_type("nf4")``).
   ``nf4_code_from_normal()`` derives the same numbers from quantiles of N(0, 1).
+* ``NF4_MIDPOINTS`` and ``NF4_CUDA_THRESHOLDS``: the 15 decision boundaries between neighbouring levels,
+  as bitsandbytes' CPU backend and its CUDA kernel write them (four differ by one fp32 ulp; ``rounding.py``).
 * ``dynamic_code()``: the signed 8-bit "dynamic" map of bitsandbytes (Dettmers 2016, "8-Bit
   Approximations for Parallelism in Deep Learning"), used to store the per-block absmax constants
   in 8 bits (QLoRA's double quantization, section 3, "Double Quantization").
 """
+from fractions import Fraction
+
 import torch
 
 # bitsandbytes' published NF4 table, index = the 4-bit code.
@@ -19,6 +23,35 @@ NF4_CODE = torch.tensor(
     ],
     dtype=torch.float32,
 )
+
+# The midpoints computed in fp32: what bitsandbytes' CPU backend compares with (``torch.bucketize``).
+NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+
+def _fp32_nearest_to_decimal(text: str) -> float:
+    """The fp32 value nearest to the decimal ``text``, rounded once (as a C compiler reads ``0.5f``), not via fp64."""
+    exact = Fraction(text)
+    guess = torch.tensor(float(exact), dtype=torch.float32)
+    candidates = [torch.nextafter(guess, torch.tensor(-1.0)), guess, torch.nextafter(guess, torch.tensor(2.0))]
+    return min(candidates, key=lambda c: abs(Fraction(c.item()) - exact)).item()
+
+
+def nf4_cuda_thresholds() -> torch.Tensor:
+    """The 15 thresholds of bitsandbytes' CUDA decision tree (``dQuantizeNF4`` in its ``csrc`` kernels), fp32.
+
+    The kernel writes them as float literals: the midpoints computed in fp64 from the fp32 levels, printed as
+    the shortest decimal that reads back as that fp64 number (Python's ``repr``), each rounded by the
+    compiler straight to fp32. Rounding the decimal once is not rounding the fp64 midpoint: four of the
+    midpoints are exact fp32 ties, and their 16-17 digit decimals fall just off the tie, so four thresholds
+    are one ulp away from ``NF4_MIDPOINTS`` (indices 0, 8, 12, 14; the constants of bitsandbytes 0.50.2's
+    compiled sm_90 kernel, checked in the tests).
+    """
+    levels = NF4_CODE.double()
+    midpoints = ((levels[:-1] + levels[1:]) / 2).tolist()
+    return torch.tensor([_fp32_nearest_to_decimal(repr(m)) for m in midpoints], dtype=torch.float32)
+
+
+NF4_CUDA_THRESHOLDS = nf4_cuda_thresholds()
 
 
 def nf4_code_from_normal(offset: float = 0.9677083) -> torch.Tensor:

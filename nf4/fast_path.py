@@ -5,12 +5,17 @@ Same bytes and values as the reference (tested bit for bit); only the order of w
 * **Chunks into reused buffers.** The weight is processed a chunk of blocks at a time into
   preallocated buffers, so no weight-sized fp32 temporary is allocated (and page-faulted). Chunks are
   cache-sized on CPU and large on a GPU (fewer launches).
-* **Quantize, nearest code by cells.** The 15 midpoints are at least 0.08 apart, so cutting [-2, 2) into
-  cells of width 1/32 leaves at most one midpoint per cell. A table gives, per cell, how many midpoints
-  lie below the cell; one comparison with the next midpoint finishes:
-      code = below[cell(x)] + (x > midpoint[below[cell(x)]])
+* **Quantize, both rounding rules** (``rounding.py``): the CPU rule clamps absmax before its reciprocal;
+  the CUDA rule flushes subnormal inputs to zero, takes the kernel's reciprocal of the unclamped absmax and
+  its thresholds. Same chunks, same code search.
+* **Quantize, nearest code by cells.** The 15 thresholds are at least 0.08 apart, so cutting [-2, 2) into
+  cells of width 1/32 leaves at most one threshold per cell. A table gives, per cell, how many thresholds
+  lie below the cell; one comparison with the next threshold finishes:
+      code = below[cell(x)] + (x > threshold[below[cell(x)]])
   Rounding can put x into a neighbouring cell only when x is within ~1e-7 of a cell edge, and no
-  midpoint is that close to an edge (the nearest is 1.7e-3 away, asserted below), so the count is exact.
+  threshold is that close to an edge (the nearest is 1.7e-3 away, asserted below), so the count is exact.
+  A NaN x (the CUDA rule's zero block) becomes cell 0 (float -> int of NaN is INT_MIN on x86, 0 in PTX;
+  the clamp maps both to 0) and fails the comparison: code 0, as the kernel.
 * **Quantize, pack in one shift.** Viewed as int64, a pair of int32 codes (c0, c1) is c0 + (c1 << 32)
   (little endian), so ((v << 4) | (v >> 32)) holds (c0 << 4) | c1 in its low byte.
 * **Quantize, one host sync.** Finiteness (NaN/Inf in the weight, overflow in double quantization) is
@@ -33,7 +38,8 @@ import torch
 
 from .codebook import NF4_CODE
 from .quantized_weight import QuantizedWeight
-from .reference import NF4_MIDPOINTS, SMALLEST_ABSMAX
+from .reference import SMALLEST_ABSMAX
+from .rounding import SMALLEST_NORMAL, kernel_reciprocal, thresholds
 
 _CELLS_PER_UNIT = 32
 _TORCH_GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: smaller element-wise ops run on the calling thread
@@ -45,15 +51,15 @@ def chunk_values(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _cell_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int32 midpoints-below per cell, fp32 midpoints + inf); cell c covers [c/32 - 2, (c+1)/32 - 2)."""
+def _cell_tables(device: torch.device, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 thresholds-below per cell, fp32 thresholds + inf); cell c covers [c/32 - 2, (c+1)/32 - 2)."""
     edges = torch.arange(4 * _CELLS_PER_UNIT + 2, dtype=torch.float64) / _CELLS_PER_UNIT - 2
-    midpoints = NF4_MIDPOINTS.double()
-    assert (midpoints[:, None] - edges[None, :]).abs().min() > 1e-4, "a midpoint sits on a cell edge"
-    assert torch.bincount(torch.bucketize(midpoints, edges, right=True)).max() <= 1, "two midpoints in one cell"
-    below = torch.bucketize(edges, midpoints).to(torch.int32)  # number of midpoints < each cell's left edge
-    next_midpoint = torch.cat([NF4_MIDPOINTS, torch.tensor([float("inf")])])
-    return below.to(device), next_midpoint.to(device)
+    bounds = thresholds(rounding, torch.device("cpu"))
+    assert (bounds.double()[:, None] - edges[None, :]).abs().min() > 1e-4, "a threshold sits on a cell edge"
+    assert torch.bincount(torch.bucketize(bounds.double(), edges, right=True)).max() <= 1, "two in one cell"
+    below = torch.bucketize(edges, bounds.double()).to(torch.int32)  # number of thresholds < each cell's left edge
+    next_bound = torch.cat([bounds, torch.tensor([float("inf")])])
+    return below.to(device), next_bound.to(device)
 
 
 def _over_threads(work, n_blocks: int, block_size: int, device: torch.device) -> None:
@@ -69,24 +75,28 @@ def _over_threads(work, n_blocks: int, block_size: int, device: torch.device) ->
         job.result()
 
 
-def quantize_full_blocks(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor) -> None:
-    """Fill ``absmax`` (fp32[n_blocks]) and ``packed`` for a [n_blocks, block_size] view; no host sync."""
+def quantize_full_blocks(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor,
+                         rounding: str = "cpu") -> None:
+    """Fill ``absmax`` (fp32[n_blocks]) and ``packed`` for a [n_blocks, block_size] view; no host sync.
+    ``rounding``: "cpu" or "cuda", the rule of ``rounding.py``."""
     n_blocks, block_size = blocks.shape
 
     def work(first, last, chunk):
         half = block_size // 2
-        _quantize_range(blocks[first:last], absmax[first:last], packed[first * half : last * half], chunk)
+        _quantize_range(blocks[first:last], absmax[first:last], packed[first * half : last * half], chunk, rounding)
 
     _over_threads(work, n_blocks, block_size, blocks.device)
 
 
-def _quantize_range(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor, chunk: int) -> None:
+def _quantize_range(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor, chunk: int,
+                    rounding: str) -> None:
     n_blocks, block_size = blocks.shape
     if n_blocks == 0:
         return
     device = blocks.device
     rows = min(n_blocks, max(1, chunk // block_size))
-    below, next_midpoint = _cell_tables(device)
+    below, next_bound = _cell_tables(device, rounding)
+    flush = rounding == "cuda" and blocks.dtype != torch.float16  # fp16 values are never subnormal in fp32
     scaled = torch.empty(rows, block_size, dtype=torch.float32, device=device)
     scratch = torch.empty(rows * block_size, dtype=torch.float32, device=device)
     cell = torch.empty(rows * block_size, dtype=torch.int32, device=device)
@@ -98,14 +108,20 @@ def _quantize_range(blocks: torch.Tensor, absmax: torch.Tensor, packed: torch.Te
         m = k * block_size
         x = scaled[:k]
         x.copy_(blocks[start : start + k])  # to fp32
+        if flush:  # subnormal -> 0, as the kernel's FTZ arithmetic reads it
+            tiny = torch.lt(torch.abs(x.view(-1), out=scratch[:m]), SMALLEST_NORMAL, out=above[:m])
+            x.masked_fill_(tiny.view(k, block_size), 0.0)
         # max |w| = max(max w, -min w): no |w| temporary (and amax + amin beat aminmax on CPU)
         chunk_absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_(), out=absmax[start : start + k])
-        x.mul_((1.0 / chunk_absmax.clamp(min=SMALLEST_ABSMAX))[:, None])
+        if rounding == "cuda":
+            x.mul_(kernel_reciprocal(chunk_absmax)[:, None])  # a zero block: NaN, code 0 (see above)
+        else:
+            x.mul_((1.0 / chunk_absmax.clamp(min=SMALLEST_ABSMAX))[:, None])
         x = x.view(-1)
         torch.mul(x, _CELLS_PER_UNIT, out=scratch[:m]).add_(2 * _CELLS_PER_UNIT)  # cell = trunc((x + 2) * 32)
         cell[:m].copy_(scratch[:m]).clamp_(0, 4 * _CELLS_PER_UNIT)  # the clamp only matters for NaN
         torch.index_select(below, 0, cell[:m], out=codes[:m])
-        torch.index_select(next_midpoint, 0, codes[:m], out=scratch[:m])
+        torch.index_select(next_bound, 0, codes[:m], out=scratch[:m])
         codes[:m].add_(torch.gt(x, scratch[:m], out=above[:m]))
         v, p = codes[:m].view(torch.int64), pair_bits[: m // 2]
         torch.bitwise_left_shift(v, 4, out=p).bitwise_or_(v >> 32)
@@ -131,16 +147,21 @@ os.register_at_fork(after_in_child=_workers.cache_clear)  # a forked child has n
 def _dequantize_range(packed, absmax, out, block_size, first, last, chunk) -> None:
     """out[first*bs : last*bs] for the blocks first..last-1, ``chunk`` values at a time.
 
-    The per-chunk views are cut up front (``split``) and the scratch views made once, so each chunk
-    costs four torch calls: with small chunks (threaded path) Python overhead is what limits speed.
+    The per-chunk views are cut up front (``split``, when there is more than one chunk) and the scratch
+    views made once, so each chunk costs four torch calls: with small chunks (threaded path) or small
+    weights (a layer of a small model) Python overhead is what limits speed.
     """
     if last == first:
         return
     rows = max(1, min(last - first, chunk // block_size))
     half = block_size // 2
-    sources = packed[first * half : last * half].split(rows * half)                     # bytes per chunk
-    scales = absmax[first:last, None].split(rows)                                       # [k, 1] fp32
-    targets = out[first * block_size : last * block_size].view(-1, block_size).split(rows)  # [k, bs]
+    sources = packed[first * half : last * half]                                     # bytes
+    scales = absmax[first:last, None]                                                # [blocks, 1] fp32
+    targets = out[first * block_size : last * block_size].view(-1, block_size)       # [blocks, bs]
+    if rows < last - first:  # per chunk
+        sources, scales, targets = sources.split(rows * half), scales.split(rows), targets.split(rows)
+    else:
+        sources, scales, targets = (sources,), (scales,), (targets,)
     byte_index = torch.empty(rows * half, dtype=torch.int64, device=out.device)
     # fp32 output: gather straight into it (viewed as int64 pairs), no converting copy
     fp32_out = out.dtype == torch.float32 and out.storage_offset() % 2 == 0

@@ -15,30 +15,72 @@ The algorithm, for a weight ``w`` flattened and cut into blocks of ``block_size`
 Dequantization reverses 4 and 3 and multiplies: w_hat = NF4_CODE[code] * c, in fp32, rounded once
 to the output dtype.
 
-Three details make the bytes identical to bitsandbytes' ``quantize_4bit`` on CPU (tested):
-* step 2 multiplies by the reciprocal, x = w * (1 / c), for full blocks, and divides for the last,
-  partial block; both in fp32 (the weight is first converted to fp32);
-* a block of zeros has c = 0: full blocks store 0 (and normalise with 1e-38 instead, giving x = 0);
-  a partial last block stores c = 1e-38;
-* an odd number of values is padded with one zero (code 7, the exact zero level).
+Steps 1-3 come in two rules (``rounding=``, default: the weight's device), one per bitsandbytes kernel,
+each giving that kernel's bytes (``rounding.py`` says where they differ; ``_normalise_cpu`` and
+``_normalise_cuda`` below spell each out):
+* ``"cpu"``: as bitsandbytes' CPU backend (tested byte for byte against it): step 2 multiplies by the
+  reciprocal, x = w * (1 / c), for full blocks and divides for the last, partial block; a zero block has
+  c = 0 and normalises with 1e-38 instead (x = 0, code 7), a zero partial block stores c = 1e-38; an odd
+  count is padded with code 7; the thresholds are the fp32 midpoints.
+* ``"cuda"``: as its CUDA kernel: subnormal inputs read as 0, every block x = w * rcp(c) with the kernel's
+  reciprocal, c stored as is, the thresholds are the kernel's constants; a zero block gives NaN, code 0.
 
 This is the definition the fast path (``fast_path.py``, what ``nf4.quantize``/``nf4.dequantize`` run)
 is tested against bit for bit; it holds a few weight-sized temporaries, so it is meant for small tensors.
 """
 import torch
+import torch.nn.functional as F
 
 from .checks import check_block_size, check_dtype, check_flag, check_quantized_weight, check_weight
-from .codebook import NF4_CODE
+from .codebook import NF4_CODE, NF4_MIDPOINTS
 from .double_quant import dequantize_absmax, double_quant_error, quantize_absmax
 from .quantized_weight import QuantizedWeight
+from .rounding import check_rounding, flush_subnormals, kernel_reciprocal, thresholds
 
-NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # 15 decision boundaries between the 16 levels
-SMALLEST_ABSMAX = 1e-38  # what bitsandbytes normalises an all-zero block with
+SMALLEST_ABSMAX = 1e-38  # what bitsandbytes' CPU backend normalises an all-zero block with
 
 
-def nearest_code(x: torch.Tensor) -> torch.Tensor:
-    """Step 3: the NF4 code of each x in [-1, 1] = the number of midpoints strictly below x (int64)."""
-    return (x[..., None] > NF4_MIDPOINTS.to(x.device)).sum(dim=-1)
+def nearest_code(x: torch.Tensor, boundaries: torch.Tensor = NF4_MIDPOINTS) -> torch.Tensor:
+    """Step 3: the NF4 code of each x = the number of ``boundaries`` strictly below x (int64; NaN: 0).
+
+    bitsandbytes' CUDA kernel walks a decision tree of strict ``x > threshold`` tests (``dQuantizeNF4``);
+    over sorted thresholds that is this count, and a NaN, failing every test, gets code 0 in both."""
+    return (x[..., None] > boundaries.to(x.device)).sum(dim=-1)
+
+
+def _normalise_cpu(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2 as bitsandbytes' CPU backend: (absmax per block, x per value) of fp32 ``flat``."""
+    n_full = flat.numel() // block_size * block_size
+    full_blocks = flat[:n_full].view(-1, block_size)
+    absmax_full = full_blocks.abs().amax(dim=1)
+    x_full = full_blocks * (1.0 / absmax_full.clamp(min=SMALLEST_ABSMAX))[:, None]
+    absmax, x = [absmax_full], [x_full.reshape(-1)]
+    if n_full < flat.numel():  # the last, partial block
+        tail = flat[n_full:]
+        absmax_tail = tail.abs().amax().clamp(min=SMALLEST_ABSMAX)
+        absmax.append(absmax_tail.reshape(1))
+        x.append(tail / absmax_tail)
+    return torch.cat(absmax), torch.cat(x)
+
+
+def _normalise_cuda(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2 as bitsandbytes' CUDA kernel: (absmax per block, x per value, padded to an even count)."""
+    flat = flush_subnormals(F.pad(flat, (0, flat.numel() % 2)))  # the pad is a 0 of the last block
+    n_blocks = -(-flat.numel() // block_size)
+    blocks = F.pad(flat, (0, n_blocks * block_size - flat.numel())).view(n_blocks, block_size)  # zeros: max unchanged
+    absmax = blocks.abs().amax(dim=1)
+    x = blocks * kernel_reciprocal(absmax)[:, None]  # a zero block: 0 * inf = NaN
+    return absmax, x.reshape(-1)[: flat.numel()]
+
+
+def blockwise_codes(flat: torch.Tensor, block_size: int, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of fp32 ``flat`` under ``rounding``: (fp32 absmax per block, int64 codes, an even count)."""
+    if rounding == "cuda":
+        absmax, x = _normalise_cuda(flat, block_size)
+        return absmax, nearest_code(x, thresholds("cuda", flat.device))
+    absmax, x = _normalise_cpu(flat, block_size)
+    codes = nearest_code(x)
+    return absmax, torch.cat([codes, codes.new_full((codes.numel() % 2,), 7)])  # pad: one zero, code 7
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -52,33 +94,21 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([high, low], dim=1).reshape(-1)[:n]
 
 
-def quantize_reference(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> QuantizedWeight:
+def quantize_reference(w: torch.Tensor, block_size: int = 64, double_quant: bool = True,
+                       rounding: str | None = None) -> QuantizedWeight:
     """Steps 1-5 for ``w`` (fp32/bf16/fp16, any shape); same result (and errors) as ``nf4.quantize``."""
     check_weight(w)
     check_block_size(block_size)
     check_flag(double_quant, "double_quant")
+    rounding = check_rounding(rounding, w.device)
     flat = w.detach().reshape(-1).float()
-    n = flat.numel()
-    n_full = n // block_size * block_size
-    full_blocks = flat[:n_full].view(-1, block_size)
-    absmax_full = full_blocks.abs().amax(dim=1)                                # step 1
-    x_full = full_blocks * (1.0 / absmax_full.clamp(min=SMALLEST_ABSMAX))[:, None]  # step 2
-    absmax, x = [absmax_full], [x_full.reshape(-1)]
-    if n_full < n:  # the last, partial block
-        tail = flat[n_full:]
-        absmax_tail = tail.abs().amax().clamp(min=SMALLEST_ABSMAX)
-        absmax.append(absmax_tail.reshape(1))
-        x.append(tail / absmax_tail)
-    absmax, x = torch.cat(absmax), torch.cat(x)
-    if not torch.isfinite(absmax).all():
+    if not torch.isfinite(flat).all():
         raise ValueError(f"w (shape {tuple(w.shape)}) contains NaN or Inf: a block's absmax would be meaningless")
-    codes = nearest_code(x)                                                    # step 3
-    if n % 2:
-        codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad: one zero, code 7
+    absmax, codes = blockwise_codes(flat, block_size, rounding)                # steps 1-3
     qw = QuantizedWeight(packed=pack(codes), absmax=absmax, shape=w.shape, dtype=w.dtype,  # step 4
                          block_size=block_size)
     if double_quant:                                                           # step 5
-        absmax_codes, nested_absmax, offset = quantize_absmax(absmax)
+        absmax_codes, nested_absmax, offset = quantize_absmax(absmax, rounding)
         if double_quant_error(offset, nested_absmax):
             raise ValueError(f"w (shape {tuple(w.shape)}): {double_quant_error(offset, nested_absmax)}")
         qw = qw.with_tensors(absmax=absmax_codes, nested_absmax=nested_absmax, offset=offset)

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .files import replace_directory, temporary_sibling, write_bytes_durably, write_text_atomically
+from .files import replace_directory, sibling_name, temporary_sibling, write_bytes_durably, write_text_atomically
 from .fingerprint import differences
 
 LATEST = "latest"
@@ -78,21 +78,23 @@ def serialize(state: dict[str, torch.Tensor], meta: dict) -> tuple[bytes, str]:
 def save(directory: Path, step: int, state: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
     """Write this rank's ``state`` and ``meta`` as the checkpoint of ``step`` (collective: every rank
     calls it); keep the newest ``keep`` checkpoints up to this one."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1 (the new checkpoint is always kept), got {keep!r}")
     rank, world = dist.get_rank(), dist.get_world_size()
     directory = Path(directory)
     final = directory / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = sibling_name(final)
     data, text = _on_every_rank(lambda: serialize(state, {**meta, "step": step, "world_size": world}))
     _on_every_rank(lambda: temporary_sibling(final) if rank == 0 else None)
     _on_every_rank(lambda: (write_bytes_durably(tmp / f"rank{rank}.safetensors", data),
                             write_bytes_durably(tmp / f"rank{rank}.json", text.encode())))
-    _on_every_rank(lambda: _commit(directory, final, keep) if rank == 0 else None)
+    _on_every_rank(lambda: _commit(directory, tmp, final, keep) if rank == 0 else None)
     return final
 
 
-def _commit(directory: Path, final: Path, keep: int) -> None:
-    """Rename the written directory into place, point ``latest`` at it, remove older checkpoints."""
-    replace_directory(final.with_name(final.name + ".tmp"), final)
+def _commit(directory: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename the written directory ``tmp`` to ``final``, point ``latest`` at it, remove older checkpoints."""
+    replace_directory(tmp, final)
     write_text_atomically(directory / LATEST, final.name + "\n")
     older = sorted(p for p in directory.glob("step-*[0-9]") if p.name <= final.name)
     for old in older[:-keep]:

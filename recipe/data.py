@@ -86,7 +86,8 @@ def load_documents(data: str | Path | None = None) -> dict[str, str]:
 
 
 def encode_ids(tokenizer, text: str) -> list[int]:
-    """Token ids with BOS/EOS around the document: ``llama.ByteTokenizer`` or a ``tokenizers.Tokenizer``."""
+    """A document's token ids: ``llama.ByteTokenizer`` puts BOS and EOS around it; a ``tokenizers.Tokenizer``
+    adds what its post-processor adds (BOS alone for Llama's)."""
     if hasattr(tokenizer, "bos_token_id"):
         return tokenizer.encode(text, bos=True, eos=True)
     return tokenizer.encode(text).ids
@@ -183,6 +184,9 @@ class Sampler:
 def eval_batches(rows, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1):
     """The first ``n_batches`` global batches of the held-out rows (windows or a rows object), in
     order, this rank's rows."""
+    if batch_size < 1 or n_batches < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"eval_batches needs batch_size >= 1, n_batches >= 1 and 0 <= rank < world_size, got "
+                         f"batch_size={batch_size}, n_batches={n_batches}, rank={rank}, world_size={world_size}")
     rows, per_global = as_rows(rows), batch_size * world_size
     n_batches = min(n_batches, len(rows) // per_global)
     if n_batches == 0:

@@ -12,8 +12,8 @@ Triton kernel on CUDA and with torch on the CPU, ``lora`` creates its adapters b
    device and only its NF4 form stays there (``recipe/build.py``);
 3. each batch moved to the device before the forward (``recipe/loop.py``).
 
-A tensor handed to a collective must live where the backend expects it (``collective_device``), the
-scalars ``all_mean`` averages included. One rank per GPU: NCCL refuses two ranks on one device.
+A tensor handed to a collective must live where the backend expects it (``collective_device``), a
+one-number count or loss sum included. One rank per GPU: NCCL refuses two ranks on one device.
 """
 from __future__ import annotations
 
@@ -92,13 +92,6 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_mean(value: float) -> float:
-    """The mean of a Python number over all ranks."""
-    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 def reset_device_peak(device: torch.device) -> None:
     """Start a new high-water mark of the device's allocated memory (nothing to do on the CPU: see
     ``recipe.memory`` for the CPU's own measures)."""
@@ -110,12 +103,6 @@ def device_peak_mib(device: torch.device) -> float | None:
     """``torch.cuda.max_memory_allocated`` in MiB since the last reset -- what ``recipe.plan`` predicts
     as the allocated peak -- or None on the CPU."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def device_reserved_peak_mib(device: torch.device) -> float | None:
-    """``torch.cuda.max_memory_reserved`` in MiB: what the caching allocator took from the driver, the
-    allocated peak plus rounding and fragmentation -- what ``recipe.plan`` compares with the budget."""
-    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
 
 
 def release_cached_blocks(device: torch.device) -> None:
@@ -149,7 +136,8 @@ def memory_budget(device: torch.device, memory_gib: float | None = None) -> int:
     Fragmentation is what ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` reduces: the allocator
     then grows one mapped segment per stream instead of caching fixed-size segments, so differently
     sized gathered units, logits and activations reuse the same pages; set it in the environment
-    before the first CUDA call (e.g. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun ...``)."""
+    before the first CUDA call (e.g. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun ...``).
+    The GPU branch (``mem_get_info`` minus ``HEADROOM``) is written but not yet run on a GPU."""
     if memory_gib is not None:
         if memory_gib <= 0:
             raise ValueError(f"--memory-gib must be > 0, got {memory_gib}")

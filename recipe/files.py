@@ -4,8 +4,9 @@ One file: write a temporary file beside it, then ``os.replace`` it over the targ
 directory is atomic on POSIX). Files that belong together (a checkpoint, an adapter): write them into a
 temporary directory, then rename the directory into place (`replace_directory`).
 
-``lora/adapter_io.py`` keeps its own one-file version of `write_atomically`: lora imports nothing
-outside itself, so it can be read and used alone.
+``lora/atomic_files.py`` keeps its own copies (`write_atomically`, and `write_files_atomically` for a
+directory): lora imports nothing outside itself, so it can be read and used alone. ``llama`` sits below
+``recipe`` and keeps its own too (``llama.checkpoint.write_atomically``, ``llama.hf_writer.atomic_directory``).
 """
 from __future__ import annotations
 
@@ -41,10 +42,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def sibling_name(directory: Path) -> Path:
+    """The path of `temporary_sibling`'s directory for ``directory`` (known to every rank without asking)."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".tmp")
+
+
 def temporary_sibling(directory: Path) -> Path:
     """An empty directory beside ``directory`` to fill before `replace_directory` (any leftover removed)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = sibling_name(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

@@ -23,9 +23,10 @@ import llama
 
 # Fields that change neither the shapes of the saved state nor the numbers a step computes: a resumed run
 # may set them differently (write elsewhere, evaluate or save at another rhythm, move to another device,
-# recompute activations, offload).
+# recompute activations, offload, profile, answer more or fewer held-out questions greedily).
 MAY_CHANGE = frozenset({"loop.out", "loop.progress", "loop.eval_every", "loop.save_every", "resume", "memory_gib",
-                        "track_memory", "eval_batches", "activation_checkpointing", "build.offload", "build.device"})
+                        "track_memory", "eval_batches", "activation_checkpointing", "build.offload", "build.device",
+                        "profile", "samples"})
 
 
 def model_identity(model: str | Path, config: llama.LlamaConfig) -> dict:

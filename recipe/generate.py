@@ -11,9 +11,10 @@ bitsandbytes checkpoint is read as is), then the PEFT-format adapter is loaded u
 A single ``--prompt`` streams its completion as it is produced; ``--prompts FILE`` (one prompt per
 line) runs all of them as one left-padded batch and prints each completion. Then one line reports the
 prompt (prefill) and decode speeds in tokens/s and the peak memory (the GPU's allocated peak, or the
-process's resident peak on the CPU). Greedy by default (``--temperature 0``). ``--chat``: each prompt
-is a user message, rendered in the chat template the adapter was trained with (``recipe.train`` saves
-it beside the adapter), as training rendered its conversations.
+process's resident peak on the CPU; ``--device cuda`` is written but not yet run on a GPU). Greedy by
+default (``--temperature 0``). ``--chat``: each prompt is a user message, rendered in the chat template
+the adapter was trained with (``recipe.train`` saves it beside the adapter), as training rendered its
+conversations.
 """
 from __future__ import annotations
 
@@ -29,16 +30,16 @@ import nf4
 from llama.cli import Parser, integer, number, run_command
 from llama.pretrain import BUNDLED_MODEL
 
-from .device import device_peak_mib, reset_device_peak, resolve_device
+from .device import DEVICES, device_peak_mib, reset_device_peak, resolve_device
+from .export import DTYPES
 from .instruct.corpus import chat_prompt
 from .memory import peak_rss_bytes, reset_peak_rss
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .plan import ALL_LINEAR
 
 
 def is_linear_weight(name: str) -> bool:
-    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
+    """Whether ``name`` is the weight of one of a decoder layer's seven projections (``ALL_LINEAR``)."""
+    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in ALL_LINEAR
 
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, device="cpu") -> llama.Llama:
@@ -126,7 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=integer(minimum=1))
     p.add_argument("--seed", type=integer(minimum=0), default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="auto: the GPU of this process when CUDA is visible, else the CPU")
     return p.parse_args(argv)
 
 

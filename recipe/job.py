@@ -11,6 +11,7 @@ Runs on every rank of an initialised process group (``recipe.device.init_distrib
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .adapter import load_onto_base, save_trained_adapter
 from .build import BuildOptions, Built, build
 from .corpus import Corpus, load_corpus, tokenizer_of
 from .device import device_peak_mib, memory_budget, release_cached_blocks, reset_device_peak
+from .files import write_text_atomically
 from .fingerprint import of_job
 from .instruct.encode import TextEncoder
 from .loop import LoopConfig, LoopResult, Run, StepCallback, evaluate, train, trim_metrics
@@ -135,28 +137,25 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None,
     check_plan(config, model_config, world, log)
     if memory is None and config.track_memory:
         memory = TensorMemory(record_peak=True)
-    if memory:
-        memory.__enter__()
-    built = builder(config.build)
-    release_cached_blocks(built.device)  # loading's temporaries were shaped unlike a step's tensors
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(built.model.model.layers)
-    run = prepare_run(config, built, corpus, model_config)
-    start = resume(run, config, log)
-    if rank == 0:
-        trim_metrics(config.loop.out / "metrics.jsonl", start)
-    log(f"rank 0 of {world}: {built.description}, {dtype_name(config.build.compute_dtype)} on {built.device}; "
-        f"load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
-    eval_before = evaluate(run.model, run.heldout(), run.device)
-    log(f"held-out loss before: {eval_before:.4f}")
-    reset_peak_rss()
-    reset_device_peak(built.device)
-    if memory:
-        memory.reset_peak()
-    with profiling(config.loop.out, config.loop.steps - start, config.profile):
-        result = train(run, config.loop, start, on_step)
-    if memory:
-        memory.__exit__(None, None, None)
+    with memory or contextlib.nullcontext():  # counting stops even when the run raises
+        built = builder(config.build)
+        release_cached_blocks(built.device)  # loading's temporaries were shaped unlike a step's tensors
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(built.model.model.layers)
+        run = prepare_run(config, built, corpus, model_config)
+        start = resume(run, config, log)
+        if rank == 0:
+            trim_metrics(config.loop.out / "metrics.jsonl", start)
+        log(f"rank 0 of {world}: {built.description}, {dtype_name(config.build.compute_dtype)} on {built.device}; "
+            f"load peak RSS {built.load_peak_rss / 2**20:.0f} MiB")
+        eval_before = evaluate(run.model, run.heldout(), run.device)
+        log(f"held-out loss before: {eval_before:.4f}")
+        reset_peak_rss()
+        reset_device_peak(built.device)
+        if memory:
+            memory.reset_peak()
+        with profiling(config.loop.out, config.loop.steps - start, config.profile):
+            result = train(run, config.loop, start, on_step)
     summary = finish(Finished(config, built, run, eval_before, result, memory, corpus, answers_before), log)
     dist.barrier()
     return summary
@@ -210,7 +209,7 @@ def finish(done: Finished, log: Log) -> dict:
     log(f"adapter written to {out / 'adapter'} (PEFT format)")
     summary["answers"] = show_answers(done, answer_questions(done.config, done.corpus, out / "adapter"), log)
     if dist.get_rank() == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

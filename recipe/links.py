@@ -45,9 +45,8 @@ def step_payloads(config, setup: Setup) -> dict[str, int]:
     sizes, one micro-batch), and of the LoRA gradients (fp32, full)."""
     shape = llama_config(config)
     units, n_layers = unit_bytes(shape, setup), shape.num_hidden_layers
-    layer = units["codes"] + units["absmax"] + units["norms"] + units["lora_params"] * setup.compute_bytes
     root = shape.hidden_size * setup.compute_bytes  # the final norm, in the root unit: gathered once per step
-    gathered = units["embedding"] + 2 * (n_layers * layer + units["head"]) + root  # embedding: forward only
+    gathered = units["embedding"] + 2 * (n_layers * units["layer"] + units["head"]) + root  # embedding: forward only
     return {"all_gather": gathered, "reduce_scatter": 4 * n_layers * units["lora_params"],
             "lora_grads": 4 * n_layers * units["lora_params"]}
 

@@ -12,10 +12,11 @@ through the very same code as the main job, counting memory with ``recipe.phase_
 and by the planner's components). The plan for the same setup is printed beside it: for each phase,
 each component planned vs measured, and the storages of 8 MiB or more live at each measured peak.
 With ``--device cuda`` (one rank per GPU) the overall measured peak is the GPU's own
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated`` (written but not yet run on a GPU).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import llama
 from llama import PRESETS
 from llama.cli import Parser, fail, integer, run_command
 
@@ -34,10 +36,6 @@ from .plan import ALL_LINEAR, GiB, Setup, plan
 
 def random_checkpoint(preset: str, layers: int, directory: Path, seed: int = 0) -> Path:
     """A checkpoint of ``preset``'s widths truncated to ``layers`` layers, random bf16 weights (std 0.02)."""
-    import dataclasses
-
-    import llama
-
     config = dataclasses.replace(llama.LlamaConfig.preset(preset), num_hidden_layers=layers,
                                  torch_dtype="bfloat16")
     with torch.device("meta"):
@@ -116,8 +114,6 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="home70b-measure-") as tmp:
         model_dir = args.model if args.preset is None else random_checkpoint(args.preset, args.layers, Path(tmp) / "model")
         summary = run(Path(model_dir), Path(tmp) / "run", args)
-        import llama
-
         config = llama.LlamaConfig.from_hf(model_dir)
     setup = Setup(world_size=args.nproc, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
                   target_modules=ALL_LINEAR, activation_checkpointing=args.activation_checkpointing, compute_bytes=4 if args.dtype == "fp32" else 2,

@@ -2,18 +2,22 @@
 
     python -m recipe.microbench --ranks 2 --dtype bf16
 
-``ranks`` gloo processes run each measurement at the same time, as training ranks would share the
-cores: matmul FLOP/s (a [tokens, h] x [h, o] product in the compute dtype), copy bandwidth (bytes read
-+ written by ``copy_`` of a 64 MiB tensor), NF4 dequantization (codes and absmax read + values written
-per second), all-gather bandwidth over gloo (payload per second of a 16 MiB ``all_gather_into_tensor``),
-and the fixed cost of one small ATen operator. Each is the median of a few repeats. Numbers measured on
-a machine shared with other work move with its load; the model is only as good as these.
+``ranks`` gloo processes run each measurement at the same time, as training ranks share the cores, at
+the shapes of one step (``recipe.timemodel.Workload``): matmul FLOP/s over the step's linear shapes
+[tokens, in] x [in, out] in the compute dtype; attention FLOP/s of SDPA forward + backward at the step's
+(batch, heads, seq, head_dim); copy bandwidth (bytes read + written by ``copy_`` of a 64 MiB tensor); NF4
+dequantization (codes and absmax read + values written per second); all-gather bandwidth over gloo
+(payload per second of a 16 MiB ``all_gather_into_tensor``); and the fixed costs the step pays per call:
+one tiny ATen operator, one C++-to-Python callback (a custom autograd Function's forward or backward, a
+hook) and one collective's latency (a 1-element all-gather). Each is the median of a few repeats. Numbers
+measured on a machine shared with other work move with its load; the model is only as good as these.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -21,47 +25,136 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .timemodel import Machine
+from .timemodel import Machine, Workload, workload_of
 
 
-def _median_seconds(fn, repeats: int) -> float:
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name newer torch prefers
+
+
+def _median_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(clock() - start)
+    return max(statistics.median(times), 1e-9)  # a CPU clock may see no time at all for a blocking wait
 
 
-def measure_rates(dtype: torch.dtype, size: int, repeats: int) -> dict[str, float]:
-    """The rates of this process (see the module doc); ``size`` scales the matmul (h = o = size)."""
+def _matmul_flops(linears, dtype: torch.dtype, repeats: int, clock) -> float:
+    """FLOP/s of ``x @ w`` over the step's linear shapes (tokens, in, out), each dimension capped at 2048."""
+    flops = seconds = 0.0
+    for tokens, i, o in sorted(set(linears)):
+        m, k, n = (min(d, 2048) for d in (tokens, i, o))
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        flops, seconds = flops + 2 * m * k * n, seconds + _median_seconds(lambda: a @ b, repeats, clock)
+    return flops / seconds
+
+
+def _attention_flops(attention, dtype: torch.dtype, repeats: int, clock) -> float:
+    """FLOP/s of SDPA forward + backward at the step's (batch, heads, seq, head_dim), as the model calls it
+    on the CPU in training (K/V repeated to every head; an explicit bool mask when ``masked``, which makes
+    it compute the whole seq x seq square: 12 s^2 d FLOPs per head and row, 6 with ``is_causal``), on as
+    many (row, head) pairs as keep one repeat under ~2 GFLOP."""
+    batch, heads, seq, head_dim, masked = attention
+    per_head = (12 if masked else 6) * seq * seq * head_dim
+    pairs = max(1, min(batch * heads, int(2e9 // per_head)))
+    q, k, v = (torch.randn(1, pairs, seq, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] if masked else None
+
+    def step():
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
+        y.backward(torch.ones_like(y))
+    return pairs * per_head / _median_seconds(step, repeats, clock)
+
+
+class _Identity(torch.autograd.Function):
+    """The cheapest custom autograd Function: its forward and backward cost what crossing into Python costs."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _python_frames(fn) -> int:
+    """Python function calls made by ``fn()`` (``sys.setprofile``'s call events)."""
+    frames = 0
+
+    def count(frame, event, arg):
+        nonlocal frames
+        frames += event == "call"
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return frames - 1  # less the call of fn itself
+
+
+def _fixed_costs(repeats: int, clock, calls: int = 500) -> dict[str, float]:
+    """Seconds per tiny ATen operator as a training step runs them (an ``add`` of two 1-element tensors that
+    autograd records, and its node in the backward: a chain of them, forward then backward, over twice its
+    length), per Python function call (a call of an ``nn.Identity`` module over the Python frames it runs),
+    per C++-to-Python callback (half a round trip of ``_Identity``: its forward from ``apply`` and its
+    backward from the autograd engine, less the two operators inside) and per collective (an all-gather of
+    one element over the process group)."""
+    one = torch.ones(1)
+
+    def recorded_ops():
+        y = torch.ones(1, requires_grad=True)
+        for _ in range(calls):
+            y = y.add(one)
+        y.backward()
+    op = _median_seconds(recorded_ops, repeats, clock) / calls / 2
+    module = torch.nn.Identity()
+    frames = _python_frames(lambda: module(one))
+    python = _median_seconds(lambda: [module(one) for _ in range(calls)], repeats, clock) / calls / max(1, frames)
+
+    def round_trips():
+        x = torch.ones(1, requires_grad=True)
+        y = x
+        for _ in range(calls):
+            y = _Identity.apply(y)
+        y.backward()
+    callback = max(op, _median_seconds(round_trips, repeats, clock) / calls / 2 - op)
+    world = dist.get_world_size()
+    tiny, gathered = torch.ones(1), torch.empty(world)
+    dist.barrier()
+    collective = _median_seconds(lambda: [_ALL_GATHER(gathered, tiny) for _ in range(20)], repeats, clock) / 20
+    return {"op_seconds": op, "python_seconds": python, "callback_seconds": callback, "collective_seconds": collective}
+
+
+def measure_rates(dtype: torch.dtype, workload: Workload, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """The rates of this process (see the module doc) at the shapes of ``workload``, timed by ``clock``: wall
+    time (``time.perf_counter``), or ``time.process_time`` for the CPU time this process spends (all its
+    threads), which does not count the time other work on the machine takes from it."""
     import nf4
 
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, 2 * size, dtype=dtype)
-    matmul = 2 * size * size * 2 * size / _median_seconds(lambda: a @ b, repeats)
     src = torch.empty(16 * 2**20, dtype=torch.float32)
     dst = torch.empty_like(src)
-    copy = 2 * src.nbytes / _median_seconds(lambda: dst.copy_(src), repeats)
-    qw = nf4.quantize(torch.randn(size, 2 * size))
+    copy = 2 * src.nbytes / _median_seconds(lambda: dst.copy_(src), repeats, clock)
+    tokens, i, o = max(workload.linears, key=lambda shape: shape[1] * shape[2])
+    qw = nf4.quantize(torch.randn(min(o, 2048), min(i, 2048)))
     stored = qw.packed.nbytes + qw.numel / 64  # codes + 8-bit absmax
-    dequant = (stored + qw.numel * a.element_size()) / _median_seconds(lambda: nf4.dequantize(qw, dtype), repeats)
-    one = torch.ones(1)
-    op = _median_seconds(lambda: [one.add(one) for _ in range(1000)], repeats) / 1000
+    dequant = (stored + qw.numel * dtype.itemsize) / _median_seconds(lambda: nf4.dequantize(qw, dtype), repeats, clock)
     world = dist.get_world_size()
     shard = torch.ones(4 * 2**20 // world, dtype=torch.float32)
     full = torch.empty(shard.numel() * world)
     dist.barrier()
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather = full.nbytes / _median_seconds(lambda: all_gather(full, shard), repeats)
-    return {"matmul_flops": matmul, "copy_bytes_per_s": copy, "dequantize_bytes_per_s": dequant,
-            "gather_bytes_per_s": gather, "op_seconds": op}
+    gather = full.nbytes / _median_seconds(lambda: _ALL_GATHER(full, shard), repeats, clock)
+    return {"matmul_flops": _matmul_flops(workload.linears, dtype, repeats, clock),
+            "attention_flops": _attention_flops(workload.attention, dtype, repeats, clock),
+            "copy_bytes_per_s": copy, "dequantize_bytes_per_s": dequant, "gather_bytes_per_s": gather,
+            **_fixed_costs(repeats, clock)}
 
 
-def _rank(rank: int, world: int, store: str, dtype: str, size: int, repeats: int, threads: int, out) -> None:
+def _rank(rank: int, world: int, store: str, dtype: str, workload: Workload, repeats: int, threads: int, out) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    rates = measure_rates(getattr(torch, dtype), size, repeats)
+    rates = measure_rates(getattr(torch, dtype), workload, repeats)
     gathered = [None] * world
     dist.all_gather_object(gathered, rates)
     if rank == 0:
@@ -69,16 +162,19 @@ def _rank(rank: int, world: int, store: str, dtype: str, size: int, repeats: int
     dist.destroy_process_group()
 
 
-def measure_machine(ranks: int = 2, dtype: str = "bfloat16", size: int = 1024, repeats: int = 5,
+def measure_machine(workload: Workload, ranks: int = 2, dtype: str = "bfloat16", repeats: int = 5,
                     threads: int | None = None) -> Machine:
-    """Spawn ``ranks`` gloo processes, measure, return the median rank's rates as a ``Machine``."""
-    if ranks < 1 or size < 64 or repeats < 1:
-        raise ValueError(f"need ranks >= 1, size >= 64, repeats >= 1; got {ranks}, {size}, {repeats}")
+    """Spawn ``ranks`` gloo processes of ``threads`` torch threads each (default: the cores shared out, as
+    ``torchrun`` does), measure at ``workload``'s shapes, return the median rank's rates as a ``Machine``."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a recipe.timemodel.Workload, got {type(workload).__name__}")
+    if ranks < 1 or repeats < 1:
+        raise ValueError(f"need ranks >= 1 and repeats >= 1; got ranks={ranks}, repeats={repeats}")
     threads = threads or max(1, (os.cpu_count() or 1) // ranks)
     queue = mp.get_context("spawn").SimpleQueue()
     store = tempfile.NamedTemporaryFile(prefix="home70b-bench-", delete=False).name
     try:
-        mp.spawn(_rank, args=(ranks, store, dtype, size, repeats, threads, queue), nprocs=ranks)
+        mp.spawn(_rank, args=(ranks, store, dtype, workload, repeats, threads, queue), nprocs=ranks)
         rates = queue.get()
     finally:
         os.unlink(store) if os.path.exists(store) else None
@@ -87,19 +183,26 @@ def measure_machine(ranks: int = 2, dtype: str = "bfloat16", size: int = 1024, r
 
 
 def describe(machine: Machine) -> str:
-    return (f"{machine.name}: matmul {machine.matmul_flops / 1e9:.1f} GFLOP/s, copy {machine.copy_bytes_per_s / 1e9:.2f} GB/s, "
-            f"NF4 dequantize {machine.dequantize_bytes_per_s / 1e9:.2f} GB/s, all-gather {machine.gather_bytes_per_s / 1e9:.2f} GB/s, "
-            f"{machine.op_seconds * 1e6:.1f} us per operator (per rank, measured while the machine was shared)")
+    return (f"{machine.name}: matmul {machine.matmul_flops / 1e9:.1f} GFLOP/s, attention {machine.attention_flops / 1e9:.1f} "
+            f"GFLOP/s, copy {machine.copy_bytes_per_s / 1e9:.2f} GB/s, NF4 dequantize {machine.dequantize_bytes_per_s / 1e9:.2f} "
+            f"GB/s, all-gather {machine.gather_bytes_per_s / 1e9:.2f} GB/s; {machine.op_seconds * 1e6:.1f} us per operator, "
+            f"{machine.python_seconds * 1e6:.2f} us per Python call, "
+            f"{machine.callback_seconds * 1e6:.1f} us per callback, {machine.collective_seconds * 1e6:.0f} us per collective "
+            f"(per rank, measured while the machine was shared)")
 
 
 def main(argv=None) -> Machine:
+    from llama.pretrain import BUNDLED_MODEL
+
+    from .plan import Setup
+
     p = argparse.ArgumentParser(prog="python -m recipe.microbench", description=__doc__.split("\n")[0])
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    machine = measure_machine(args.ranks, args.dtype, args.size, args.repeats)
+    setup = Setup(world_size=args.ranks, batch_size=4, seq_len=256, rank=8, activation_checkpointing=False)
+    machine = measure_machine(workload_of(BUNDLED_MODEL, setup, masked=True), args.ranks, args.dtype, args.repeats)
     print(describe(machine))
     return machine
 

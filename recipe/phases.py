@@ -28,7 +28,6 @@ def layer_activation_bytes(shape: llama.LlamaConfig, setup) -> int:
     return setup.batch_size * setup.seq_len * per_token + 2 * setup.seq_len * head_dim * c
 
 
-
 def phase_bytes(shape: llama.LlamaConfig, setup, order: list[int]) -> dict[str, dict[str, int]]:
     """What is live on the device, beyond the persistent shards, at the peak of each phase of a step
     (``order``: gathered bytes of the units in forward order: embedding, layers, lm_head if untied),
@@ -133,8 +132,6 @@ def backward_temporary_bytes(shape: llama.LlamaConfig, setup) -> int:
     w.r.t. SiLU(gate) and up (2 i)."""
     h, i = shape.hidden_size, shape.intermediate_size
     return setup.batch_size * setup.seq_len * setup.compute_bytes * (h + 2 * i)
-
-
 
 
 CPU_CHUNK_VALUES = 1 << 20  # nf4.fast_path.chunk_values on the CPU

@@ -206,16 +206,18 @@ def pinned_bytes(shard_sizes) -> int:
 def unit_bytes(shape: llama.LlamaConfig, setup: Setup) -> dict[str, int]:
     """Full (unsharded) bytes of the sharding units' parts: one decoder layer's frozen ``codes`` (the
     weights themselves without quantization), ``absmax`` and ``norms``, its LoRA parameter count
-    ``lora_params``, the ``embedding`` and the ``head`` (0 when tied to the embedding)."""
+    ``lora_params``, the whole gathered decoder ``layer`` (those four, LoRA in the compute dtype), the
+    ``embedding`` and the ``head`` (0 when tied to the embedding)."""
     c, linears = setup.compute_bytes, linear_shapes(shape)
     if setup.quantize:
         codes, absmax = map(sum, zip(*(quantized_bytes(o * i, setup.block_size, setup.double_quant)
                                        for o, i in linears.values())))
     else:
         codes, absmax = c * sum(o * i for o, i in linears.values()), 0
-    embedding = shape.vocab_size * shape.hidden_size * c
-    return {"codes": codes, "absmax": absmax, "norms": 2 * shape.hidden_size * c,
-            "lora_params": lora_parameters(shape, setup) // shape.num_hidden_layers, "embedding": embedding,
+    embedding, norms = shape.vocab_size * shape.hidden_size * c, 2 * shape.hidden_size * c
+    lora_params = lora_parameters(shape, setup) // shape.num_hidden_layers
+    return {"codes": codes, "absmax": absmax, "norms": norms, "lora_params": lora_params,
+            "layer": codes + absmax + norms + lora_params * c, "embedding": embedding,
             "head": 0 if shape.tie_word_embeddings else embedding}
 
 
@@ -226,8 +228,7 @@ def plan(config, setup: Setup | None = None) -> Plan:
     w, h, n_layers = setup.world_size, shape.hidden_size, shape.num_hidden_layers
     units = unit_bytes(shape, setup)
     codes, absmax, norms, embedding, head = (units[k] for k in ("codes", "absmax", "norms", "embedding", "head"))
-    lora_layer, c = units["lora_params"], setup.compute_bytes
-    layer_unit = codes + absmax + norms + lora_layer * c   # one gathered decoder layer
+    lora_layer, layer_unit, c = units["lora_params"], units["layer"], setup.compute_bytes
 
     def shard(nbytes: int) -> int:  # padded to a multiple of the world size, 1/world per rank
         return math.ceil(nbytes / w)

@@ -2,6 +2,8 @@
 
     python -m recipe.plan llama-2-70b --world-size 2 --batch-size 2 --seq-len 2048 --offload --gpu rtx3090
     python -m recipe.plan llama-2-7b --cpu                      # time on this machine (measured rates)
+    python -m recipe.plan llama/assets/tiny-llama --world-size 1 --batch-size 4 --seq-len 256 --rank 8 \
+        --no-activation-checkpointing --cpu --packed          # the main job's step (packed rows: a mask)
     python -m recipe.plan llama-2-70b --published               # predicted vs the reference's 70B runs
     python -m recipe.plan llama-2-70b --nodes 2 --gpus-per-node 8 --intra-gbs 300 --inter-gbs 25
 
@@ -11,6 +13,7 @@ A user error (unknown preset, bad flag value) is one line ``error: ...`` on stde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from llama.cli import Parser, integer, number, run_command
 
@@ -35,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="compute in fp32 (4 bytes) instead of bf16")
     p.add_argument("--gpu", choices=sorted(GPUS), help="predict the step time on this GPU (datasheet rates)")
     p.add_argument("--cpu", action="store_true", help="predict the step time on this machine (measured rates)")
+    p.add_argument("--packed", action="store_true", help="time model: the batches carry an explicit attention mask "
+                   "(packed rows, as the main job's instruction data), so SDPA computes the whole square")
     p.add_argument("--published", action="store_true", help="predicted vs published s/step of the reference 70B runs (their setup, not these flags)")
     p.add_argument("--nodes", type=integer(minimum=1), default=None, help="compare full vs hybrid sharding on N nodes")
     p.add_argument("--gpus-per-node", type=integer(minimum=1), default=None)
@@ -54,14 +59,16 @@ def run(args) -> Plan:
     result = plan(args.config, setup)
     print(result.table())
     if args.gpu:
-        print(time_table(result.shape, setup, GPUS[args.gpu]))
+        print(time_table(result.shape, setup, GPUS[args.gpu], args.packed))
     if args.cpu:
         from .microbench import describe, measure_machine
+        from .timemodel import workload_of
 
-        size = min(2048, max(64, result.shape.hidden_size))  # matmuls of the model's width
-        machine = measure_machine(ranks=args.world_size, dtype="float32" if args.fp32 else "bfloat16", size=size)
+        cpu_setup = dataclasses.replace(setup, device="cpu")  # the CPU's nf4 path (chunked dequantization)
+        machine = measure_machine(workload_of(result.shape, cpu_setup, args.packed), ranks=args.world_size,
+                                  dtype="float32" if args.fp32 else "bfloat16")
         print(describe(machine))
-        print(time_table(result.shape, setup, machine))
+        print(time_table(result.shape, cpu_setup, machine, args.packed))
     if args.published:
         print(published_check())
     if args.nodes is not None or args.gpus_per_node is not None:

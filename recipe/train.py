@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-on-prompt", action="store_true", help="JSONL: count the prompt tokens in the loss too")
     p.add_argument("--drop-long", action="store_true", help="JSONL: drop examples longer than --seq-len "
                    "(default: truncate them, counted in the report)")
-    p.add_argument("--samples", type=int, default=None, help="held-out questions answered greedily before and after "
+    p.add_argument("--samples", type=integer(minimum=0), default=None, help="held-out questions answered greedily before and after "
                    "training, by the whole base loaded on rank 0 (default: 4 for the bundled set, 0 for other data)")
     p.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
                    help="byte: the byte tokenizer for any base with vocab >= 258 (e.g. random-weight test models)")

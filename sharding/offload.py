@@ -61,7 +61,9 @@ class HostOffload:
         self.arena = torch.empty(total, dtype=torch.uint8)  # untouched pages: memory grows as shards move in
         per_group = {}
         for group, name, offset, numel, dtype in requests:
-            view = self.arena[offset:offset + numel * dtype.itemsize].view(dtype)
+            # A tensor of its own on the arena's memory, not a view: views share the arena's version
+            # counter, so a gradient landing in one slice would make every gathered shard look changed.
+            view = torch.empty(0, dtype=dtype).set_(self.arena.untyped_storage(), offset // dtype.itemsize, (numel,))
             per_group.setdefault(group, {})[name] = view
         for group, views in per_group.items():
             group.use_host_buffers(views)

@@ -22,12 +22,16 @@ def clip_grad_norm_(sharded, max_norm: float) -> torch.Tensor:
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     groups = [g for unit in sharded.units for g in unit.groups if g.trainable and g.master.grad is not None]
     device = groups[0].device if groups else torch.device("cpu")
-    squares = torch.zeros((), dtype=torch.float32, device=device)
+    # With offload the gradients are on the host: sum there, and cross to the device and back once each
+    # (a device-to-host copy makes the host wait), not once per group.
+    home = groups[0].master.grad.device if groups else device
+    squares = torch.zeros((), dtype=torch.float32, device=home)
     for group in groups:
-        squares += group.master.grad.float().pow(2).sum().to(device)
+        squares += group.master.grad.float().pow(2).sum().to(home)
+    squares = squares.to(device)
     all_reduce_sum(squares, sharded.layout.shard_group, "shard")
     norm = squares.sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(home)
     for group in groups:
         group.master.grad.mul_(scale.to(group.master.grad.device))
     return norm

@@ -28,18 +28,24 @@ CHAT = [{"role": "system", "content": "Answer in one line."},
         {"role": "assistant", "content": "json.dumps(obj, *, skipkeys=False, ensure_ascii=True, ...) -> str"}]
 
 
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory):
-    """A byte-level BPE tokenizer.json with Llama-3 and ChatML control tokens, trained offline."""
+def train_bpe(vocab_size: int, special_tokens: list[str], documents: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained offline on the first ``documents`` pydoc topics."""
     tokenizers = reference("tokenizers")
     from recipe import data
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS,
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(data.load_documents(None).values())[:2], trainer)
+    tok.train_from_iterator(list(data.load_documents(None).values())[:documents], trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer.json with Llama-3 and ChatML control tokens, trained offline."""
+    tok = train_bpe(500, SPECIALS, documents=2)
     directory = tmp_path_factory.mktemp("bpe")
     tok.save(str(directory / "tokenizer.json"))
     return directory

@@ -90,7 +90,9 @@ def test_bad_inputs_are_named(model):
         model(ids, position_ids=torch.arange(3)[None])
     with pytest.raises(ValueError, match=r"attention_mask must be a bool tensor of shape \(batch, q_len, kv_len\)"):
         model(ids, attention_mask=causal_mask(4).float())
-    with pytest.raises(ValueError, match="segment_ids"):
+    with pytest.raises(ValueError, match=r"segment_ids must be a \(batch, seq\) tensor, got shape \(4,\)"):
         document_mask(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"valid must be a \(batch, seq\) tensor, got list"):
+        padded_mask([[True, False]])
     with pytest.raises(ValueError, match="q_len"):
         causal_mask(3, 2)

@@ -35,15 +35,23 @@ def test_nf4_benchmark_quick_prints_both_sides():
     result = run_module("benchmarks.nf4", "--quick", "--threads", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for name in ("quantize", "dequantize (PyTorch fast path) into out=", "dequantize, allocating", "memory floor",
-                 "dequantize bandwidth", "MSE on N(0,1), NF4", "bits / parameter"):
+    for name in ("quantize", "dequantize 256x1024 (PyTorch fast path) into out=", "dequantize 256x1024, allocating",
+                 "dequantize 128x512 (PyTorch fast path) into out=", "dequantize 128x512, allocating",
+                 "256x1024: memory floor", "128x512: memory floor", "MSE on N(0,1), NF4", "bits / parameter"):
         ours, theirs = row(out, name)[1:3]
         assert NUMBER.match(ours) and NUMBER.match(theirs), (name, ours, theirs)
-    assert row(out, "dequantize time / memory floor")[3] == "x floor"
-    for name in ("packed codes", "absmax (8-bit codes)", "nested absmax", "offset"):
+    for shape in ("256x1024", "128x512"):
+        assert row(out, f"{shape}: time / memory floor")[3] == "x floor"
+        for name in ("CPU ms per call", "page faults per call"):  # ours: "into out=; allocating", then theirs
+            ours, theirs = row(out, f"{shape}: {name}")[1:3]
+            assert all(NUMBER.match(x.strip()) for x in ours.split(";")) and NUMBER.match(theirs), (name, ours, theirs)
+    assert row(out, "rounding rule vs bitsandbytes' CPU backend")[1:3] == ["cpu", "CPU backend"]
+    for name in ("NF4 codes", "double-quant absmax (8-bit codes)", "nested absmax", "offset"):
         cells = row(out, f"identical bytes: {name}")
         assert cells[1] == "yes" and cells[2].startswith("0 of "), cells
     assert row(out, "identical dequantized values")[1] == "yes"
+    nf4_changed, absmax_changed = row(out, "cuda rule instead: NF4; 8-bit absmax bytes changed")[1].split("; ")
+    assert nf4_changed.isdigit() and absmax_changed.isdigit()
     assert NUMBER.match(row(out, "MSE on N(0,1), Int4 absmax")[1])
 
 

@@ -144,6 +144,8 @@ def test_a_non_finite_state_is_refused_before_any_file_is_written(one_rank, tmp_
         checkpoint.save(tmp_path, 1, {"w": torch.tensor([1.0, float("nan")])}, meta_of(1))
     with pytest.raises(ValueError, match="Out of range float values"):
         checkpoint.save(tmp_path, 1, state_of(1, 0), {"sampler": {}, "lr": float("inf")})
+    with pytest.raises(ValueError, match="keep must be an int >= 1 .*, got 0"):
+        checkpoint.save(tmp_path, 1, state_of(1, 0), meta_of(1), keep=0)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -72,8 +72,14 @@ def test_eval_batches_are_fixed_and_sliced_per_rank():
 def test_bad_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="seq_len"):
         windows(torch.arange(5), 8)
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1, got 0"):
+        windows(torch.arange(5), 0)
+    with pytest.raises(ValueError, match="max_windows must be an int >= 1 or None, got 0"):
+        windows(torch.arange(5), 2, max_windows=0)
     with pytest.raises(ValueError, match="global batch"):
         Sampler(windows(torch.arange(8), 2), batch_size=3, world_size=2)
+    with pytest.raises(ValueError, match="got batch_size=0, n_batches=1, rank=0, world_size=1"):
+        next(eval_batches(windows(torch.arange(8), 2), 0, 1))
     with pytest.raises(ValueError, match="seed"):
         Sampler(windows(torch.arange(8), 2), batch_size=1, seed=1).load_state_dict({"epoch": 0, "position": 0, "seed": 2, "rows": 4})
 

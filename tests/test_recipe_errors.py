@@ -48,6 +48,7 @@ BAD_TRAIN_FLAGS = [
     (["--max-grad-norm", "0"], "argument --max-grad-norm: expected a finite number > 0, got '0'"),
     (["--warmup", "0"], "argument --warmup: expected an integer >= 1, got '0'"),
     (["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+    (["--samples", "-1"], "argument --samples: expected an integer >= 0, got '-1'"),
     (["--memory-gib", "-2"], "argument --memory-gib: expected a finite number > 0, got '-2'"),
     (["--target-modules", "q_proj,,v_proj"], "argument --target-modules: expected comma-separated module names"),
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
@@ -98,7 +99,8 @@ def test_the_fingerprint_covers_every_field_but_those_that_may_change(tiny_model
         assert name in fp, name
     assert not any(key.startswith(tuple(MAY_CHANGE)) for key in fp)
     changed = dataclasses.replace(config, build=dataclasses.replace(config.build, dora=True, rank=16), seq_len=64,
-                                  loop=dataclasses.replace(config.loop, save_every=7, out=Path("elsewhere")))
+                                  loop=dataclasses.replace(config.loop, save_every=7, out=Path("elsewhere")),
+                                  profile=True, samples=2)
     assert differences(fp, of_job(changed, model_config)) == (
         "build.dora: False in the checkpoint, True now; build.rank: 8 in the checkpoint, 16 now; "
         "seq_len: 128 in the checkpoint, 64 now")

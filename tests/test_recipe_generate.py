@@ -8,6 +8,7 @@ import llama
 from llama.pretrain import BUNDLED_MODEL
 import lora
 from recipe import generate as cli
+from recipe.plan import ALL_LINEAR
 from llama.cli import run_command as run
 
 BUNDLED = str(BUNDLED_MODEL)
@@ -15,7 +16,7 @@ BUNDLED = str(BUNDLED_MODEL)
 
 def random_adapter(model_dir, directory, **options):
     model = cli.load_model(model_dir)
-    lora.inject(model, cli.LINEARS, r=4, alpha=8, **options)
+    lora.inject(model, ALL_LINEAR, r=4, alpha=8, **options)
     torch.manual_seed(1)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
@@ -35,7 +36,7 @@ def peft_over_bnb(model_dir, adapter_dir):
     transformers, bnb, peft = (reference(name) for name in ("transformers", "bitsandbytes", "peft"))
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in cli.LINEARS:
+        if name.rsplit(".", 1)[-1] in ALL_LINEAR:
             q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.float32,
                                   quant_type="nf4", compress_statistics=True)
             q.weight = bnb.nn.Params4bit(module.weight.detach().clone(), requires_grad=False, quant_type="nf4",
@@ -88,6 +89,7 @@ def test_cli_batch_from_a_file_with_nf4_and_an_adapter(tmp_path, capsys):
     (["--prompt", "x", "--quant", "int3"], "--quant"),
     (["--max-new-tokens", "3"], "--prompt"),
     (["--prompt", "x", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["--prompt", "x", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
     (["--prompt", "x", "--top-p", "2"], "argument --top-p: expected a finite number > 0 and <= 1, got '2'"),
     (["--prompt", "x", "--model", "/no/such/dir"], "no Llama config"),
     (["--prompts", "/no/such/file"], "--prompts /no/such/file: no such file"),

@@ -196,8 +196,8 @@ def test_the_library_stack_reads_packed_rows_as_ours_does(tiny_model, tmp_path):
     with torch.no_grad():
         expected = ours(batch.input_ids, **inputs)
         got = theirs(input_ids=batch.input_ids, **hf_inputs(inputs)).logits
-    real = batch.attention_mask.diagonal(dim1=1, dim2=2) & (batch.position_ids >= 0)
-    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    # every position, the padding at the end of a row included (a padding token attends only to itself)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_resume_refuses_another_template_or_packing(tiny_model, tmp_path):
@@ -227,6 +227,20 @@ def test_chat_prompts_use_the_template_saved_with_the_adapter(tmp_path):
     assert tokenizer.decode(question.prompt_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     plain = tokenizer.decode(chat_prompt(DEFAULT_MODEL, None, tokenizer, "Hi"))  # the bundled model has none: chatml
     assert plain == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_held_out_question_is_the_user_turn_before_the_first_answer(tmp_path):
+    import llama
+    from recipe.instruct.corpus import held_out_questions
+    from recipe.instruct.dataset import load_instruct
+
+    turns = [[("system", "Be brief."), ("user", "Why?"), ("assistant", "Because.")],
+             [("system", "Be brief."), ("assistant", "Hello."), ("user", "Why?"), ("assistant", "Because.")]]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in t]}) + "\n" for t in turns))
+    data = load_instruct(path, llama.ByteTokenizer(), None, "chatml", 256)
+    questions = held_out_questions(data, llama.ByteTokenizer(), 2)
+    assert [(q.text, q.reference) for q in questions] == [("Why?", "Because."), ("", "Hello.")]
 
 
 def test_generate_chat_sends_the_rendered_conversation():

@@ -1,10 +1,12 @@
 """The step-time model (recipe/timemodel.py), the bytes per link class (recipe/links.py), this machine's
 micro-benchmark (recipe/microbench.py) and the planner's command line. No wall-clock time is asserted."""
+import dataclasses
+
 import pytest
 
 from recipe.links import Interconnect, collective_bytes, comm_seconds, compare_strategies, step_payloads
-from recipe.plan import Setup, llama_config, lora_parameters
-from recipe.timemodel import GPUS, PUBLISHED, Machine, published_check, step_flops, step_seconds
+from recipe.plan import Setup, linear_shapes, llama_config, lora_parameters
+from recipe.timemodel import GPUS, PUBLISHED, REFERENCE, Machine, published_check, step_flops, step_seconds
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100)
@@ -25,14 +27,16 @@ def test_flops_by_hand_and_no_weight_gradient_for_the_frozen_base():
 
 
 def test_collectives_overlap_compute_and_the_rest_adds_up():
+    no_fixed_costs = dict(op_seconds=0, python_seconds=0, callback_seconds=0, collective_seconds=0)
     slow_net = Machine("x", matmul_flops=1e12, copy_bytes_per_s=1e10, dequantize_bytes_per_s=1e10,
-                       host_link_bytes_per_s=1e10, gather_bytes_per_s=1e3)
-    fast_net = Machine("y", 1e12, 1e10, 1e10, 1e10, 1e15)
+                       host_link_bytes_per_s=1e10, gather_bytes_per_s=1e3, **no_fixed_costs)
+    fast_net = Machine("y", 1e12, 1e10, 1e10, 1e10, 1e15, **no_fixed_costs)
     setup = Setup(batch_size=2, seq_len=8, rank=4)
     slow, fast = step_seconds(TINY, setup, slow_net), step_seconds(TINY, setup, fast_net)
-    serial = ("compute", "dequantize", "elementwise", "offload", "optimizer", "ops")
+    serial = ("compute", "attention", "dequantize", "elementwise", "offload", "optimizer")
     assert fast["step"] == pytest.approx(sum(fast[k] for k in serial))         # hidden under compute
-    assert slow["step"] == pytest.approx(sum(slow[k] for k in serial) + slow["collectives"] - slow["compute"])
+    assert slow["step"] == pytest.approx(sum(slow[k] for k in serial) + slow["collectives"] - slow["compute"]
+                                         - slow["attention"])
     assert step_seconds(TINY, Setup(offload=True), fast_net)["offload"] > 0 == fast["offload"]
 
 
@@ -78,13 +82,18 @@ def test_hybrid_wins_on_a_slow_network_and_the_verdict_says_so():
 
 def test_microbenchmark_measures_positive_rates():
     from recipe.microbench import describe, measure_machine
+    from recipe.timemodel import workload_of
 
-    machine = measure_machine(ranks=1, dtype="float32", size=64, repeats=1)
-    assert min(machine.matmul_flops, machine.copy_bytes_per_s, machine.dequantize_bytes_per_s,
-               machine.gather_bytes_per_s, machine.op_seconds) > 0
-    assert machine.host_link_bytes_per_s is None and "GFLOP/s" in describe(machine)
+    workload = workload_of(TINY, Setup(batch_size=1, seq_len=16), masked=True)
+    machine = measure_machine(workload, ranks=1, dtype="float32", repeats=1)
+    assert min(machine.matmul_flops, machine.attention_flops, machine.copy_bytes_per_s, machine.dequantize_bytes_per_s,
+               machine.gather_bytes_per_s, machine.op_seconds, machine.python_seconds, machine.callback_seconds,
+               machine.collective_seconds) > 0
+    assert machine.host_link_bytes_per_s is None and "us per callback" in describe(machine)
     with pytest.raises(ValueError, match="ranks >= 1"):
-        measure_machine(ranks=0)
+        measure_machine(workload, ranks=0)
+    with pytest.raises(TypeError, match="workload must be a recipe.timemodel.Workload"):
+        measure_machine(64)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -108,6 +117,139 @@ def test_debug_shows_the_exception_and_the_extra_tables_print(capsys):
 
     with pytest.raises(ValueError, match="unknown preset"):
         main(["llama-9", "--debug"])
-    main(["llama-2-70b", "--offload", "--gpu", "rtx4090", "--published", "--nodes", "2", "--gpus-per-node", "2"])
+    main(["llama-2-70b", "--offload", "--gpu", "rtx4090", "--packed", "--published", "--nodes", "2", "--gpus-per-node", "2"])
     out = capsys.readouterr().out
     assert "time on RTX 4090" in out and "published s/step" in out and "verdict:" in out
+    assert "overhead hidden behind the device's work" in out and "hidden behind the GPUs' work" in out
+
+
+def _count_default_step(rank, world, checkpointing):
+    import dataclasses
+    import tempfile
+
+    from recipe.opcount import count_step, default_job
+
+    config = dataclasses.replace(default_job(out=tempfile.mkdtemp(prefix="opcount-")), activation_checkpointing=checkpointing)
+    return count_step(config).phases
+
+
+@pytest.mark.parametrize("world, checkpointing", [(1, False), (2, False), (1, True)])
+def test_the_dispatch_formula_is_what_the_bundled_model_step_dispatches(world, checkpointing):
+    """recipe.opcount counts the main job's step (one torch thread per rank, as the formula states); the
+    formula in recipe.timemodel must give the same operators, callbacks and collectives per phase. The
+    data phase's few operators and Python calls depend on how many examples a packed row holds: within 10%
+    there; the Python calls elsewhere are a fit: within 5%."""
+    from distributed import run_on_ranks
+    from llama.pretrain import BUNDLED_MODEL
+    from recipe.timemodel import dispatch_by_phase
+
+    setup = Setup(world_size=world, batch_size=4, seq_len=256, rank=8, activation_checkpointing=checkpointing, device="cpu")
+    formula = dispatch_by_phase(BUNDLED_MODEL, setup)
+    merged = ("forward", "backward", "recompute") if checkpointing else ()  # the recompute runs inside the backward
+
+    def merge(phases):  # forward + backward (+ recompute) as one, with checkpointing
+        out = {p: dict(kinds) for p, kinds in phases.items() if p not in merged}
+        if merged:
+            out["layers"] = {k: sum(phases.get(p, {}).get(k, 0) for p in merged) for k in phases["forward"]}
+        return out
+    formula = merge(formula)
+    for counted in run_on_ranks(_count_default_step, world, (checkpointing,), timeout_s=300):
+        counted = merge(counted)
+        for phase, kinds in formula.items():
+            for kind, expected in kinds.items():
+                got = counted[phase].get(kind, 0)
+                if phase == "data" and kind in ("ops", "python"):
+                    assert abs(got / expected - 1) < 0.10, (phase, kind, got, expected)
+                elif kind == "python":
+                    assert abs(got / expected - 1) < 0.05, (phase, kind, got, expected)
+                else:
+                    assert got == expected, (phase, kind, got, expected)
+
+
+def test_the_dispatch_formula_by_hand():
+    """2 layers, all seven linears wrapped (k = 7), each weight within one 2**20-value chunk."""
+    from recipe.timemodel import CALLBACKS, COLLECTIVES, OPS, PYTHON, step_dispatch
+
+    setup = Setup(batch_size=1, seq_len=8, rank=4, activation_checkpointing=False, device="cpu")
+    by_hand = {kind: sum(2 * (t[p][0] + 7 * t[p][1]) + t[p][2] for p in ("data", "forward", "backward", "optimizer") if p in t)
+               for kind, t in (("ops", OPS), ("python", PYTHON), ("callbacks", CALLBACKS), ("collectives", COLLECTIVES))}
+    assert step_dispatch(TINY, setup) == by_hand
+    one_target = step_dispatch(TINY, Setup(batch_size=1, seq_len=8, rank=4, activation_checkpointing=False,
+                                           device="cpu", target_modules=("q_proj",)))
+    assert by_hand["ops"] - one_target["ops"] == 2 * 6 * (OPS["forward"][1] + OPS["backward"][1])
+    # a 4096 x 11008 weight is 43 chunks of 2**20 values: 42 more chunks x 4 operators per dequantization
+    big = dict(TINY, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    chunks = sum(-(-o * i // 2**20) - 1 for o, i in linear_shapes(llama_config(big)).values())
+    assert step_dispatch(big, setup)["ops"] - step_dispatch(TINY, setup)["ops"] == 4 * 2 * 2 * chunks
+
+
+def test_overhead_is_paid_in_line_on_a_cpu_and_hidden_behind_a_gpus_work():
+    from recipe.timemodel import overhead_seconds, step_dispatch, step_work
+
+    cpu = Machine("cpu", 1e12, 1e10, 1e10, None, 1e15, op_seconds=2e-6, python_seconds=3e-7, callback_seconds=7e-6,
+                  collective_seconds=1e-4)
+    setup = Setup(batch_size=2, seq_len=8, rank=4, world_size=2, device="cpu")
+    d = step_dispatch(TINY, setup)
+    assert overhead_seconds(step_work(TINY, setup), cpu) == pytest.approx(
+        d["ops"] * 2e-6 + d["python"] * 3e-7 + d["callbacks"] * 7e-6 + d["collectives"] * 1e-4)
+    t = step_seconds(TINY, setup, cpu)
+    serial = ("compute", "attention", "dequantize", "elementwise", "offload", "optimizer")
+    assert t["step"] == pytest.approx(sum(t[k] for k in serial) + t["overhead"])
+    gpu = dataclasses.replace(cpu, host_link_bytes_per_s=1e10)          # a device: the host runs ahead
+    g = step_seconds(TINY, setup, gpu)
+    device_work = sum(g[k] for k in serial)
+    assert g["step"] == pytest.approx(max(device_work, g["overhead"]))  # tiny model: the host's calls are longer
+    slow_gpu = dataclasses.replace(gpu, matmul_flops=1e6)
+    s = step_seconds(TINY, setup, slow_gpu)
+    assert s["step"] == pytest.approx(sum(s[k] for k in serial)) and s["overhead"] < s["compute"]
+
+
+def test_overhead_is_negligible_for_the_published_70b_runs():
+    for name in PUBLISHED:
+        t = step_seconds("llama-2-70b", REFERENCE, GPUS[name])
+        assert t["overhead"] < 0.1 * t["step"]                           # a few % even if it were paid in line
+        assert t["step"] == pytest.approx(sum(v for k, v in t.items() if k not in ("step", "overhead", "collectives")))
+
+
+def test_masked_attention_executes_the_whole_square():
+    from recipe.timemodel import attention_flops
+
+    setup = Setup(batch_size=2, seq_len=8, rank=4, activation_checkpointing=False)
+    assert attention_flops(TINY, setup) == 3 * 2 * 16 * 2 * 8 * 64           # forward + 2x backward, causal half
+    assert attention_flops(TINY, setup, masked=True) == 2 * attention_flops(TINY, setup)
+    flops = step_flops(TINY, setup)
+    assert step_seconds(TINY, setup, GPUS["h100"], masked=True)["attention"] == pytest.approx(
+        2 * attention_flops(TINY, setup) / GPUS["h100"].matmul_flops)
+    assert sum(flops.values()) > attention_flops(TINY, setup)
+
+
+def test_steady_state_is_the_median_after_the_first_steps():
+    from recipe.timecheck import steady_step_seconds
+
+    ends = [3.0, 4.0, 5.0, 5.5, 6.5, 7.5, 20.0]                         # step 1 slow, step 7 an outlier
+    records = [{"step": i + 1, "tokens_per_s": 100 * (i + 1) / end} for i, end in enumerate(ends)]
+    assert steady_step_seconds(records, 100, skip=2) == pytest.approx(1.0)  # the median of 1, 0.5, 1, 1, 12.5
+    with pytest.raises(ValueError, match="need more than skip=9 steps"):
+        steady_step_seconds(records, 100, skip=9)
+
+
+def test_timecheck_quick_prints_predicted_and_measured(capsys):
+    from recipe.timecheck import main
+
+    rows = main(["--quick"])
+    out = capsys.readouterr().out
+    assert "predicted s/step" in out and "measured s/step" in out and "measured while the machine was shared" in out
+    for clock in ("wall", "cpu"):
+        line = next(line for line in out.splitlines() if line.split()[:2] == ["1", clock]).split()
+        predicted, measured, ratio = map(float, line[2:5])
+        assert predicted > 0 and measured > 0 and ratio == pytest.approx(predicted / measured, abs=0.01)
+        assert rows[0]["measured"][clock] == pytest.approx(measured, abs=1e-3)
+
+
+def test_timecheck_refuses_bad_rank_counts(capsys):
+    from recipe.timecheck import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ranks", "1,x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: argument --ranks: expected comma-separated integers >= 1")

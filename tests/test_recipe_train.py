@@ -170,14 +170,9 @@ def bpe_checkpoint(directory: Path, vocab_size: int, model_vocab: int) -> Path:
     (BOS added by its post-processor, as Llama's) beside a random tiny Llama of ``model_vocab`` tokens."""
     tokenizers = reference("tokenizers")
     import llama
-    from recipe import data
+    from test_instruct_templates import train_bpe
 
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(data.load_documents(None).values())[:1], trainer)
+    tok = train_bpe(vocab_size, ["<s>", "</s>"], documents=1)
     tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))

@@ -21,7 +21,8 @@ Same command on the same Python version, same bytes: names are visited in sorted
 depends on the machine (no paths, no dates). Docstrings change between Python versions, so
 ``manifest.json`` records the version the set was made with. The text is from the Python
 documentation, under the PSF License Agreement (https://docs.python.org/3/license.html); ``README.md``
-beside the files says so. The files are written all-or-nothing (a temporary folder, then renames).
+beside the files says so. Every file is written in full into a temporary folder first, then renamed
+into place one by one (a failure while generating or writing leaves the old files untouched).
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def jsonl(examples: list[dict]) -> bytes:
 
 
 def make(out: Path, modules: tuple[str, ...], heldout: tuple[str, ...]) -> dict:
-    """Write train.jsonl, heldout.jsonl, manifest.json and README.md into ``out``, all or nothing."""
+    """Write train.jsonl, heldout.jsonl, manifest.json and README.md into ``out`` (staged, then renamed)."""
     splits = {"train": statement_examples() + method_examples(), "heldout": []}
     for name in modules:
         splits["heldout" if name in heldout else "train"] += module_examples(name)

@@ -37,7 +37,7 @@ def load_splits(path: str | Path, tokenizer, model_dir, template: str = "auto", 
 @dataclass
 class Question:
     """A held-out question to answer greedily before and after training."""
-    text: str                  # the user's first turn
+    text: str                  # the last user turn before the first assistant turn ("" if none)
     reference: str             # the answer the data gives
     prompt_ids: list[int]      # the conversation up to that turn, with the assistant header
 
@@ -54,8 +54,8 @@ def held_out_questions(data: InstructData, tokenizer, n: int) -> list[Question]:
         messages = conversation["messages"]
         first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = data.template.render(messages[:first], add_generation_prompt=True)
-        questions.append(Question(messages[first - 1]["content"], messages[first]["content"],
-                                  encoder.encode(prompt)[0]))
+        asked = next((m["content"] for m in reversed(messages[:first]) if m["role"] == "user"), "")
+        questions.append(Question(asked, messages[first]["content"], encoder.encode(prompt)[0]))
     return questions
 
 
