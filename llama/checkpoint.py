@@ -25,7 +25,6 @@ the file and the key. Nothing is unpickled: safetensors holds only raw tensors a
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict
 from contextlib import ExitStack
@@ -34,9 +33,10 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .atomic_files import atomic_directory, link_other_files
 from .config import LlamaConfig
+from .hf_writer import StreamingWriter
 from .model import Llama
 
 CONFIG_FILE, SINGLE_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -205,51 +205,36 @@ def load_checkpoint(model: Llama | None, directory: str | Path,
     return model
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it over ``path`` (readable by all).
-    ``llama``'s own copy of ``recipe.files.write_atomically``: llama imports nothing above it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; a checkpoint is meant to be shared
-    os.replace(tmp, path)
+SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``save_checkpoint`` owns the file ``name`` (it is replaced, never carried over)."""
+    return name in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE) or bool(SHARD_FILE.match(name))
 
 
 def save_checkpoint(model: Llama, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
                     dtype: torch.dtype | None = None) -> list[Path]:
     """Write ``config.json`` plus one ``model.safetensors`` or, above ``max_shard_bytes``, shards and an
-    index. Every file is written to a temporary name and renamed (``os.replace``); the index is written
-    last and a stale single file / index from an earlier save is removed. Returns the tensor files."""
+    index (``llama.hf_writer.StreamingWriter``: one tensor in memory at a time), all-or-nothing: the new
+    directory is built beside ``directory`` and swapped into place (``llama.atomic_files.atomic_directory``),
+    bringing along the other files ``directory`` held (a tokenizer, a log). A failure at any point leaves
+    the previous checkpoint whole. ``dtype``: the stored dtype (None: the model's). Returns the tensor files."""
     if not isinstance(model, Llama):
         raise TypeError(f"model must be a llama.Llama, got {type(model).__name__}")
-    if max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]
     if any(t.is_meta for t in state.values()):
         raise ValueError("cannot save a model whose parameters are still on the meta device")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    config = {**model.config.to_hf(), "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
-    write_atomically(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
-    if len(shards) == 1:
-        (directory / INDEX_FILE).unlink(missing_ok=True)
-        write_atomically(directory / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
-        return [directory / SINGLE_FILE]
-    (directory / SINGLE_FILE).unlink(missing_ok=True)
-    paths = [directory / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for path, shard in zip(paths, shards):
-        write_atomically(path, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": {name: path.name for path, shard in zip(paths, shards) for name in shard}}
-    write_atomically(directory / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
-    return paths
+    dtypes = {t.dtype for t in state.values()}
+    if dtype is None and len(dtypes) > 1:
+        raise ValueError(f"the model holds several dtypes {sorted(map(str, dtypes))}; pass dtype= to store one")
+    layout = stream_order(model.config)
+    with atomic_directory(directory) as tmp:
+        link_other_files(directory, tmp, replaced=is_checkpoint_file)
+        writer = StreamingWriter(tmp, layout, dtype or dtypes.pop(), max_shard_bytes)
+        for name, _ in layout:
+            writer.write(name, state[name])
+        files = writer.finish(model.config.to_hf())
+    return [Path(directory) / file.name for file in files]

@@ -13,42 +13,21 @@ a new shard when the next tensor would pass ``max_shard_bytes``), each file's he
 the file is opened, and every tensor's bytes go straight to disk as it arrives. Memory: one tensor.
 
 One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors`` plus
-``model.safetensors.index.json``, Hugging Face's names. ``atomic_directory`` makes the whole directory
-appear at once (built beside it under a temporary name, then renamed): an interrupted export leaves the
-previous directory, or none, never half of one.
+``model.safetensors.index.json``, Hugging Face's names. ``llama.atomic_files.atomic_directory`` makes the
+whole directory appear at once (built beside it under a temporary name, then renamed): an interrupted
+export leaves the previous directory, or none, never half of one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
 import torch
 
+from .atomic_files import atomic_directory  # noqa: F401  (the example above; recipe.export uses it)
+
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path):
-    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` (the old one is
-    removed only after the new one is in place), on an exception it is deleted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = path.with_name(f".{path.name}.tmp-{os.getpid()}"), path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class StreamingWriter:

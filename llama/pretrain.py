@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from .atomic_files import write_atomically
+from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import Parser, integer, number, progress, run_command
 from .config import LlamaConfig
 from .corpus import batches, stdlib_tokens, windows

@@ -13,9 +13,11 @@ The base runs through `FrozenLinear` (frozen.py): no weight gradient, nothing sa
 dequantized again in backward. The adapter runs in plain autograd in ``dtype`` (float32 by default,
 like PEFT's ``autocast_adapter_dtype``); the input is cast to it and the update cast back. The scale s
 multiplies the small ``[tokens, r]`` tensor ``A x``, never a ``[tokens, out]`` one; when the adapter and
-the base compute in one dtype, ``torch.addmm(base(x), A x, B^T, alpha=s)`` adds the update inside the B
-GEMM, so the forward makes no ``[tokens, out]`` temporary beside the base output (PEFT makes three: the
-B output, its scaled copy, and the sum).
+the base compute in one dtype, ``base(x).addmm_(A x, B^T, alpha=s)`` adds the update inside the B GEMM,
+in place on the base output (which nothing saved for backward), so the forward allocates no
+``[tokens, out]`` tensor beyond the base output (PEFT allocates three more: the B output, its scaled
+copy, and the sum). The base output is asked for as ``[tokens, out]`` (``frozen_linear(flatten=True)``),
+a tensor of its own, not a view, so it can be updated in place.
 """
 import math
 
@@ -112,18 +114,19 @@ class LoRALinear(nn.Module):
             raise TypeError(f"input x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"input x has shape {tuple(x.shape)}, expected [..., in_features = {self.in_features}]")
-        result = frozen_linear(self.base_layer, x)
         if self.merged:
-            return result
+            return frozen_linear(self.base_layer, x)
+        # first the base, then the adapter: the order autograd adds their gradients for x in, bit for bit
+        result = frozen_linear(self.base_layer, x, flatten=not self.dora)  # [tokens, out]: updatable in place
         x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         down = self.lora_A(x_lora)  # [..., r]
         if self.dora:
             return self._dora_forward(x, x_lora, result, self.lora_B(down * self.scaling))
-        if down.dtype == result.dtype:  # one GEMM adds s * down @ B^T onto the base output: no [.., out] temporary
-            flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r),
-                               self.lora_B.weight.t(), alpha=self.scaling)
-            return flat.view(result.shape)
-        return result + self.lora_B(down * self.scaling).to(result.dtype)  # s applied to the small [.., r] tensor
+        if down.dtype == result.dtype:  # s * down @ B^T added onto the base output in place, inside the B GEMM
+            result.addmm_(down.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling)
+        else:  # s applied to the small [.., r] tensor
+            result = result + self.lora_B(down * self.scaling).reshape(-1, self.out_features).to(result.dtype)
+        return result.view(*x.shape[:-1], self.out_features)
 
     def _dora_forward(self, x, x_lora, result, update):
         """PEFT's DoRA: ``base(x) + (g - 1) W x_d + g s B A x_d``, ``g = m / ||W + s B A||`` detached.

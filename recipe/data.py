@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from llama.corpus import in_heldout, windows
+from llama.tokenizer import encode_document
 
-__all__ = ["Batch", "Sampler", "TextWindows", "encode_ids", "eval_batches", "load_documents", "pydoc_topics_path",
+__all__ = ["Batch", "Sampler", "TextWindows", "eval_batches", "load_documents", "pydoc_topics_path",
            "tokenize_splits", "windows"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -85,25 +86,18 @@ def load_documents(data: str | Path | None = None) -> dict[str, str]:
     raise FileNotFoundError(f"--data {path} is neither a file nor a directory")
 
 
-def encode_ids(tokenizer, text: str) -> list[int]:
-    """A document's token ids: ``llama.ByteTokenizer`` puts BOS and EOS around it; a ``tokenizers.Tokenizer``
-    adds what its post-processor adds (BOS alone for Llama's)."""
-    if hasattr(tokenizer, "bos_token_id"):
-        return tokenizer.encode(text, bos=True, eos=True)
-    return tokenizer.encode(text).ids
-
-
 def tokenize_splits(documents: dict[str, str], tokenizer, heldout_percent: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train ids, held-out ids) as 1-D int64 tensors, documents concatenated in name order."""
+    """(train ids, held-out ids) as 1-D int64 tensors, documents (each BOS ... EOS: ``llama.tokenizer.encode_document``)
+    concatenated in name order."""
     if not 0 < heldout_percent < 100:
         raise ValueError(f"heldout_percent must be in 1..99, got {heldout_percent}")
     if len(documents) == 1:
-        ids = torch.tensor(encode_ids(tokenizer, next(iter(documents.values()))), dtype=torch.int64)
+        ids = torch.tensor(encode_document(tokenizer, next(iter(documents.values()))), dtype=torch.int64)
         cut = int(len(ids) * (1 - heldout_percent / 100))
         return ids[:cut], ids[cut:]
     splits = {"train": [], "heldout": []}
     for name, text in documents.items():
-        splits["heldout" if in_heldout(name, heldout_percent) else "train"] += encode_ids(tokenizer, text)
+        splits["heldout" if in_heldout(name, heldout_percent) else "train"] += encode_document(tokenizer, text)
     return tuple(torch.tensor(splits[s], dtype=torch.int64) for s in ("train", "heldout"))
 
 

@@ -29,6 +29,7 @@ import lora
 import nf4
 from llama.cli import Parser, integer, number, run_command
 from llama.pretrain import BUNDLED_MODEL
+from llama.tokenizer import is_byte_tokenizer
 
 from .device import DEVICES, device_peak_mib, reset_device_peak, resolve_device
 from .export import DTYPES
@@ -69,7 +70,8 @@ def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    if isinstance(tokenizer, llama.ByteTokenizer):
+    """A prompt's ids: BOS and the text (a Hugging Face tokenizer: what its post-processor adds), no EOS."""
+    if is_byte_tokenizer(tokenizer):
         return tokenizer.encode(text)
     return tokenizer.encode(text).ids
 

@@ -198,7 +198,7 @@ def finish(done: Finished, log: Log) -> dict:
     steps = done.config.loop.steps - result.start
     summary = {"eval_loss_before": done.eval_before, "eval_loss_after": result.eval_loss, "steps": steps,
                "tokens_per_s": done.run.tokens_per_step * steps / result.seconds, "seconds": result.seconds,
-               "ranks": peaks}
+               "cpu_ms_per_step": 1000 * result.cpu_seconds / steps, "ranks": peaks}
     log(f"held-out loss: {done.eval_before:.4f} -> {result.eval_loss:.4f}; {summary['tokens_per_s']:.0f} tokens/s over "
         f"{steps} steps ({result.seconds:.1f} s of training, evaluation excluded)")
     for r, p in enumerate(peaks):

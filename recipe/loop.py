@@ -77,6 +77,7 @@ class LoopResult:
     eval_loss: float                # held-out loss after the last step
     start: int                      # the step the loop started from (0, or the checkpoint's)
     seconds: float                  # training time, evaluation excluded
+    cpu_seconds: float = 0.0        # this process's CPU time (all its threads) over the same steps
 
 
 def loss_sum(model: TrainableModel, batch: Batch) -> torch.Tensor:
@@ -185,16 +186,17 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
     the log of a resumed run still equals an unbroken one. Between two logs nothing waits for the GPU;
     ``tokens_per_s`` of a step between logs is measured when its work was queued, exact at a logged step."""
     bar, pending = _progress_bar(run, config, start), []
-    t0, eval_loss, eval_seconds = time.perf_counter(), None, 0.0
+    t0, cpu0, eval_loss, eval_seconds, eval_cpu = time.perf_counter(), time.process_time(), None, 0.0, 0.0
     for step in range(start, config.steps):
         record = train_step(run, config, step)
         profile.step_done()
         pending.append(record)
         last, save = step + 1 == config.steps, (step + 1) % config.save_every == 0 and step + 1 < config.steps
         if (step + 1) % config.eval_every == 0 or last:
-            eval_start = time.perf_counter()
+            eval_start, eval_cpu_start = time.perf_counter(), time.process_time()
             record["eval_loss"] = eval_loss = evaluate(run.model, run.heldout(), run.device)
             eval_seconds += time.perf_counter() - eval_start
+            eval_cpu += time.process_time() - eval_cpu_start
         record["tokens_per_s"] = run.tokens_per_step * (step + 1 - start) / (time.perf_counter() - t0 - eval_seconds)
         record["peak_rss_mib"] = peak_rss_bytes() / 2**20
         if run.device.type == "cuda":
@@ -206,7 +208,7 @@ def train(run: Run, config: LoopConfig, start: int = 0, on_step: StepCallback | 
             save_checkpoint(run, config, step + 1)
     if bar is not None:
         bar.close()
-    return LoopResult(eval_loss, start, time.perf_counter() - t0 - eval_seconds)
+    return LoopResult(eval_loss, start, time.perf_counter() - t0 - eval_seconds, time.process_time() - cpu0 - eval_cpu)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

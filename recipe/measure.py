@@ -31,6 +31,7 @@ from llama import PRESETS
 from llama.cli import Parser, fail, integer, run_command
 
 from .build import DEFAULT_MODEL
+from .files import write_text_atomically
 from .plan import ALL_LINEAR, GiB, Setup, plan
 
 
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
               f"(planned / measured = {result['planned_gib'] / measured:.3f}), "
               f"load peak RSS {result['load_peak_rss_gib'][rank]:.2f} GiB")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomically(Path(args.json), json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 from llama.cli import run_command
 
+from .files import write_text_atomically
 from .memory import TensorMemory
 
 COMPONENTS = ("persistent", "gathered units", "dequantized weight", "activations", "recompute", "backward",
@@ -194,7 +195,7 @@ def train_with_phase_memory(argv) -> dict:
     init_distributed(device)
     run_job(train.job_config(args, device), memory=tracker)
     peaks = {phase: {**parts, "storages": tracker.phase_big[phase]} for phase, parts in tracker.phase_peaks.items()}
-    Path(args.out, f"phase_peaks_rank{dist.get_rank()}.json").write_text(json.dumps(peaks, indent=1) + "\n")
+    write_text_atomically(Path(args.out, f"phase_peaks_rank{dist.get_rank()}.json"), json.dumps(peaks, indent=1) + "\n")
     return peaks
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import statistics
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, schedule
+
+from .files import write_atomically, write_text_atomically
 
 LABELS = ("data", "forward", "backward", "optimizer")
 PARTS = ("compute", "gather", "reduce", "optimizer", "data", "idle")
@@ -87,10 +88,8 @@ def profiling(out: Path, steps: int, enabled: bool = True):
     trace = folder / f"rank{rank}.json"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 
-    def write(profiler: profile) -> None:
-        temporary = trace.with_name(trace.name + ".tmp")
-        profiler.export_chrome_trace(str(temporary))
-        os.replace(temporary, trace)  # atomic: a reader never sees half a trace
+    def write(profiler: profile) -> None:  # atomic: a reader never sees half a trace
+        write_atomically(trace, profiler.export_chrome_trace)
 
     profiler, stamps = profile(activities=activities, schedule=_schedule(steps), on_trace_ready=write), []
     stamps.append(time.process_time())
@@ -203,6 +202,4 @@ def report(folder: Path, summary: dict | None) -> None:
     if dist.get_rank() != 0:
         return
     print(f"profile: mean of the recorded steps per rank; traces in {folder}\n{format_table(summaries)}", flush=True)
-    temporary = folder / "summary.json.tmp"
-    temporary.write_text(json.dumps({"ranks": summaries}, indent=1) + "\n")
-    os.replace(temporary, folder / "summary.json")
+    write_text_atomically(folder / "summary.json", json.dumps({"ranks": summaries}, indent=1) + "\n")

@@ -22,7 +22,8 @@ def test_quick_mode_prints_the_table_with_both_sides(tmp_path):
     assert header, result.stdout
     rows = {m[1].strip(): (float(m[2]), float(m[3])) for m in
             re.finditer(r"^\| ([^|]+?) +\| +([\d.]+) \| +([\d.]+) \| +[\d.]+x \|$", result.stdout, re.M)}
-    assert {"tokens/s (2 ranks)", "held-out loss before", "held-out loss after 2 steps"} <= set(rows), rows
+    assert {"tokens/s (2 ranks)", "CPU ms per step, rank 0", "held-out loss before",
+            "held-out loss after 2 steps"} <= set(rows), rows
     assert all(ours > 0 and lib > 0 for ours, lib in rows.values()), rows
     before = rows["held-out loss before"]
     assert before[0] == pytest.approx(before[1], rel=1e-2)  # the same model and data on both sides
@@ -35,3 +36,23 @@ def test_quick_mode_prints_the_table_with_both_sides(tmp_path):
     assert all(sum(side[i] for name, side in parts.items() if name in
                    ("compute", "gather", "reduce", "optimizer", "data", "idle")) == pytest.approx(parts["step"][i], abs=0.5)
                for i in (0, 1)), parts
+
+
+def test_repeats_combine_as_medians_and_peaks():
+    """--repeats: tokens/s and CPU time are the medians of a side's runs, memory its highest peak, the
+    losses the first run's; the table shows the per-repeat ratios."""
+    from benchmarks.e2e import combined, parse_args, table
+
+    def run(tokens, cpu, rss, loss):
+        return {"tokens_per_s": tokens, "cpu_ms_per_step": cpu, "eval_loss_before": 2.0, "eval_loss_after": loss,
+                "ranks": [{"peak_rss_mib": rss, "load_peak_rss_mib": 1.0, "at_peak_mib": None}]}
+
+    ours = [run(100, 50, 10, 1.5), run(300, 70, 12, 1.6), run(200, 60, 11, 1.7)]
+    side = combined(ours)
+    assert (side["tokens_per_s"], side["cpu_ms_per_step"], side["eval_loss_after"]) == (200, 60, 1.5)
+    assert side["ranks"][0]["peak_rss_mib"] == 12 and side["ranks"][0]["at_peak_mib"] is None
+    assert combined(ours[:1]) is ours[0]
+    args = parse_args(["--ranks", "1", "--repeats", "3", "--dtype", "bf16"])
+    text = table(args, "cpu", ours, [run(100, 60, 12, 1.5)] * 3)
+    assert re.search(r"^\| tokens/s \(1 ranks\) \(median\) +\| +200 \| +100 \| +2\.000x \|$", text, re.M), text
+    assert text.endswith("per repeat: 1.000x, 3.000x, 2.000x"), text

@@ -12,23 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import assert_one_line, run_as_command
 from llama import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def outcome(main, argv, capsys) -> tuple[int, str]:
-    """(exit status, stderr) of the command ``main`` run on ``argv`` as ``python -m`` would."""
-    try:
-        cli.run_command(main, argv)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_line(code: int, err: str, expected: str) -> None:
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, (code, err)
 
 
 # --- the rule ---------------------------------------------------------------------------------------
@@ -59,11 +46,11 @@ def test_run_command_turns_only_user_errors_into_one_line(capsys):
             llama.LlamaConfig.preset("llama-1b")
         return {}["key"]
 
-    assert_one_line(*outcome(main, ["preset"], capsys), "unknown preset 'llama-1b'")
+    assert_one_line(*run_as_command(main, ["preset"], capsys), "unknown preset 'llama-1b'")
     with pytest.raises(ValueError, match="unknown preset"):
-        outcome(main, ["preset", "--debug"], capsys)
+        run_as_command(main, ["preset", "--debug"], capsys)
     with pytest.raises(KeyError):  # a bug keeps its traceback
-        outcome(main, ["bug"], capsys)
+        run_as_command(main, ["bug"], capsys)
 
 
 def test_only_rank_0_prints(monkeypatch, capsys):
@@ -121,7 +108,7 @@ def test_pretrain_flags(capsys):
                            (["--heads", "3"], "argument --hidden: expected a multiple of 2 x --heads (6"),
                            (["--kv-heads", "3"], "argument --kv-heads: expected a divisor of --heads (8), got 3"),
                            (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'")):
-        assert_one_line(*outcome(main, ["--out", "/nonexistent", *argv], capsys), expected)
+        assert_one_line(*run_as_command(main, ["--out", "/nonexistent", *argv], capsys), expected)
 
 
 def test_measure_flags(capsys):
@@ -132,7 +119,7 @@ def test_measure_flags(capsys):
                            (["--layers", "-1"], "argument --layers: expected an integer >= 1, got '-1'"),
                            (["--preset", "llama-1b"], "argument --preset: expected one of"),
                            (["--quant", "int8"], "argument --quant: invalid choice: 'int8'")):
-        assert_one_line(*outcome(main, argv, capsys), expected)
+        assert_one_line(*run_as_command(main, argv, capsys), expected)
 
 
 def test_train_under_torchrun_prints_one_error_line_for_all_ranks(tmp_path):
@@ -161,15 +148,15 @@ BENCHMARK_FLAGS = [
 def test_benchmark_flags(module, argv, expected, capsys):
     import importlib
 
-    assert_one_line(*outcome(importlib.import_module(module).main, argv, capsys), expected)
+    assert_one_line(*run_as_command(importlib.import_module(module).main, argv, capsys), expected)
 
 
 def test_generate_and_export_flags(capsys):
     from recipe import export, generate
 
-    assert_one_line(*outcome(generate.main, ["--prompt", "x", "--top-k", "0"], capsys),
+    assert_one_line(*run_as_command(generate.main, ["--prompt", "x", "--top-k", "0"], capsys),
                     "argument --top-k: expected an integer >= 1, got '0'")
-    assert_one_line(*outcome(export.main, ["--model", "m", "--adapter", "a", "--out", "o", "--max-shard-size", "lots"],
+    assert_one_line(*run_as_command(export.main, ["--model", "m", "--adapter", "a", "--out", "o", "--max-shard-size", "lots"],
                              capsys), "--max-shard-size must be a positive size such as 5GB or 500MiB, got 'lots'")
 
 
@@ -179,4 +166,4 @@ def test_plan_flags(capsys):
     for argv, expected in ((["--gpu-gib", "nan"], "argument --gpu-gib: expected a finite number > 0, got 'nan'"),
                            (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
                            (["llama-9"], "unknown preset 'llama-9'")):
-        assert_one_line(*outcome(main, argv, capsys), expected)
+        assert_one_line(*run_as_command(main, argv, capsys), expected)

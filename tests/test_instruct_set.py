@@ -1,6 +1,7 @@
 """tools/make_instruct_set.py: offline, deterministic (same command, same bytes), held out by module;
 and the bundled set it made reads as chat JSONL whose examples fit the bundled model's context."""
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import llama
+from cli_run import assert_one_line, run_as_command
 from recipe.instruct import load_instruct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,5 +67,40 @@ def test_an_example_the_template_cannot_render_is_named(tmp_path):
 def test_an_unknown_module_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_instruct_set.py"), "--out", str(tmp_path),
                              "--modules", "json,no_such_module"], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr == "error: No module named 'no_such_module'\n"
+    assert result.returncode == 2 and result.stderr == (
+        "error: argument --modules: cannot import 'no_such_module' (No module named 'no_such_module')\n")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_heldout_module_outside_modules_and_an_unwritable_out_are_one_line_errors(tmp_path, capsys):
+    assert_one_line(*run_as_command(make_instruct_set.main, ["--out", str(tmp_path), "--modules", "json", "--heldout",
+                                                             "heapq"], capsys),
+                    "error: argument --heldout: ['heapq'] are not in --modules")
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_instruct_set.py"), "--out",
+                             str(tmp_path / "file" / "out"), "--modules", "json", "--heldout", "json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+
+def test_a_failure_while_the_set_is_put_in_place_leaves_the_previous_set(tmp_path, monkeypatch):
+    modules = ("json",)
+    make_instruct_set.make(tmp_path / "set", modules, modules)
+    (tmp_path / "set" / "NOTES.txt").write_text("kept")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # whichever files the tool renames, the second rename fails
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full at the second rename")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        make_instruct_set.make(tmp_path / "set", ("json", "heapq"), modules)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    make_instruct_set.make(tmp_path / "set", ("json", "heapq"), modules)
+    assert (tmp_path / "set" / "NOTES.txt").read_text() == "kept"

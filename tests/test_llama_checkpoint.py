@@ -1,5 +1,6 @@
 """llama.checkpoint: save/load round trips, layer-by-layer streaming, bnb 4-bit pass-through, clear errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import llama
 from llama.checkpoint import INDEX_FILE, SINGLE_FILE
+from llama.hf_writer import StreamingWriter
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100)
@@ -206,3 +208,58 @@ def test_truncated_shard_is_named(tmp_path):
     paths[1].write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match=paths[1].name):
         llama.load_checkpoint(None, tmp_path)
+
+
+def fail_after_config(monkeypatch):
+    finish = StreamingWriter.finish
+
+    def then_fail(self, config):
+        finish(self, config)
+        raise OSError("disk full after config.json")
+    monkeypatch.setattr(StreamingWriter, "finish", then_fail)
+
+
+def fail_after_a_shard(monkeypatch):
+    open_next = StreamingWriter._open_next_shard
+
+    def fail_on_the_second(self):
+        if self._shard == 0:
+            raise OSError("disk full after the first shard")
+        open_next(self)
+    monkeypatch.setattr(StreamingWriter, "_open_next_shard", fail_on_the_second)
+
+
+def fail_at_the_second_rename(monkeypatch):
+    """A failing ``os.replace`` after the first one succeeded, whichever files the save renames."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full at the second rename")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("fault", [fail_after_config, fail_after_a_shard, fail_at_the_second_rename])
+def test_a_failed_save_leaves_the_previous_checkpoint_whole_and_loadable(tmp_path, monkeypatch, fault):
+    previous = tiny()
+    llama.save_checkpoint(previous, tmp_path / "ckpt", max_shard_bytes=40_000)
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    fault(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        llama.save_checkpoint(tiny(intermediate_size=128), tmp_path / "ckpt", max_shard_bytes=40_000)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left beside it
+    assert_same_weights(previous, llama.load_checkpoint(None, tmp_path / "ckpt"))
+
+
+def test_a_save_keeps_the_directorys_other_files_and_drops_stale_shards(tmp_path):
+    model = tiny()
+    llama.save_checkpoint(model, tmp_path / "ckpt", max_shard_bytes=20_000)
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    llama.save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", SINGLE_FILE, "tokenizer.json"]
+    assert_same_weights(model, llama.load_checkpoint(None, tmp_path / "ckpt"))

@@ -271,3 +271,36 @@ def test_importing_lora_imports_no_quantization_library():
     code = "import sys, lora; print(sorted(m for m in ('bitsandbytes', 'nf4', 'peft') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_update_is_added_in_place_onto_the_base_output():
+    """Adapter and base in one dtype: the output is the base output's own memory (no [tokens, out]
+    temporary), and equals base(x) + s * (A x) B^T computed apart, for a 3-D input."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, bias=False)
+    outputs = []
+    base.register_forward_hook(lambda module, args, out: outputs.append(out))
+    layer = lora.LoRALinear(base, r=R, alpha=8)
+    randomize_adapter(layer)
+    x = torch.randn(2, TOKENS, IN)
+    y = layer(x)
+    assert y.shape == (2, TOKENS, OUT) and y.data_ptr() == outputs[0].data_ptr()
+    expected = torch.addmm(x.reshape(-1, IN) @ base.weight.t(), x.reshape(-1, IN) @ layer.lora_A.weight.t(),
+                           layer.lora_B.weight.t(), alpha=layer.scaling)
+    assert torch.equal(y.reshape(-1, OUT), expected)
+
+
+def test_frozen_linear_flatten_gives_the_same_output_and_gradient():
+    torch.manual_seed(0)
+    base = make_base("fake-quantized", bias=False)
+    x = torch.randn(2, TOKENS, IN)
+    grad = torch.randn(2 * TOKENS, OUT)
+    outputs, grads = [], []
+    for flatten in (False, True):
+        leaf = x.clone().requires_grad_()
+        y = lora.frozen_linear(base, leaf, flatten=flatten)
+        y.backward(grad.view(y.shape))
+        outputs.append(y.reshape(-1, OUT))
+        grads.append(leaf.grad)
+        assert y.shape == ((2 * TOKENS, OUT) if flatten else (2, TOKENS, OUT)) and y._base is None
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])

@@ -11,19 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import assert_one_line, exit_status_and_stderr
 from distributed import run_on_ranks
 
 FAST = ["--dtype", "fp32", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--eval-batches", "1", "--no-progress"]
-
-
-def run_cli(cli, argv, capsys) -> tuple[int, str]:
-    """(exit status, stderr) of ``cli(argv)``; 0 when it returns."""
-    try:
-        cli(argv)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err
 
 
 BAD_TRAIN_FLAGS = [
@@ -60,8 +51,8 @@ def test_a_bad_train_flag_is_one_line_before_anything_loads(argv, expected, caps
     import recipe.train
 
     monkeypatch.setattr(recipe.train, "run_job", lambda *a: pytest.fail("the job started"))
-    code, err = run_cli(recipe.train.cli, [*argv, "--out", "/nonexistent/never-written"], capsys)
-    assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert_one_line(*exit_status_and_stderr(recipe.train.cli, [*argv, "--out", "/nonexistent/never-written"], capsys),
+                    expected)
 
 
 def test_user_errors_after_parsing_are_one_line_naming_the_input(tmp_path, capsys, tiny_model):
@@ -76,9 +67,8 @@ def test_user_errors_after_parsing_are_one_line_naming_the_input(tmp_path, capsy
              (["--data", str(tiny)], "a split of 3 tokens is shorter than seq_len=32"),
              (["--model", str(tmp_path / "no-model")], "no-model")]
     for argv, expected in cases:
-        code, err = run_cli(cli, ["--model", str(tiny_model), "--tokenizer", "byte", *FAST, "--steps", "1",
-                                  "--out", str(tmp_path / "o"), *argv], capsys)
-        assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1, (argv, err)
+        assert_one_line(*exit_status_and_stderr(cli, ["--model", str(tiny_model), "--tokenizer", "byte", *FAST, "--steps",
+                                                      "1", "--out", str(tmp_path / "o"), *argv], capsys), expected)
 
 
 def test_the_fingerprint_covers_every_field_but_those_that_may_change(tiny_model):

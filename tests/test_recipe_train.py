@@ -188,14 +188,14 @@ def test_a_checkpoint_with_its_own_tokenizer_json_trains_and_a_mismatched_vocab_
     transformers' fast tokenizer reading that file, and the main job runs on it."""
     transformers = reference("transformers")
     import llama
-    from recipe import data
+    from llama.tokenizer import encode_document
 
     model = bpe_checkpoint(tmp_path / "bpe-llama", vocab_size=400, model_vocab=400)
     tokenizer = llama.load_tokenizer(model)
     text = "The import statement combines two operations; it searches for the named module."
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(model / "tokenizer.json"))
-    ours = data.encode_ids(tokenizer, text)
-    assert ours == theirs(text)["input_ids"] and ours[0] == 0 and len(ours) < 0.8 * len(text)  # BOS, merges
+    ours = encode_document(tokenizer, text)
+    assert ours == [*theirs(text)["input_ids"], 1] and ours[0] == 0 and len(ours) < 0.8 * len(text)  # BOS, merges, EOS
     flags = ["--steps", "12", "--eval-every", "12", *FAST, "--lr", "3e-2"]
     summary = run_on_ranks(_train_one, 1, args=(model, tmp_path / "run", flags))[0]
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary

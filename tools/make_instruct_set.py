@@ -12,8 +12,8 @@ or its C accelerator ``_name``), and every public method of the built-in types `
 - one conversation with both turns ("And its signature?") when they are short together;
 
 plus "What is the M module for?" from the module's docstring, and "What is the Python "X" statement
-for?" from the ``help("X")`` topics of ``pydoc_data/topics.py`` (read by importing the module: a dict
-literal, nothing unpickled). Answers longer than ``MAX_ANSWER`` characters are left out, so an example
+for?" from the ``help("X")`` topics of ``pydoc_data/topics.py`` (``recipe.data.load_documents``, as the
+main job reads them: a dict literal, nothing unpickled). Answers longer than ``MAX_ANSWER`` characters are left out, so an example
 fits the bundled model's 256-token context with a template. The held-out split is by module: every
 question about a ``--heldout`` module (and no other) goes to ``heldout.jsonl``.
 
@@ -21,26 +21,27 @@ Same command on the same Python version, same bytes: names are visited in sorted
 depends on the machine (no paths, no dates). Docstrings change between Python versions, so
 ``manifest.json`` records the version the set was made with. The text is from the Python
 documentation, under the PSF License Agreement (https://docs.python.org/3/license.html); ``README.md``
-beside the files says so. Every file is written in full into a temporary folder first, then renamed
-into place one by one (a failure while generating or writing leaves the old files untouched).
+beside the files says so. The files are written all-or-nothing: into a temporary folder beside ``--out``
+that then replaces it (a failure or a kill leaves the old set or the new one, never a mix).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
-import importlib.util
 import inspect
 import json
 import platform
 import re
-import shutil
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: its own llama and recipe
+
+from llama.atomic_files import atomic_directory, link_other_files  # noqa: E402
+from llama.cli import Parser, run_command  # noqa: E402
+from recipe.data import load_documents  # noqa: E402
+
 MODULES = ("builtins", "base64", "binascii", "bisect", "calendar", "colorsys", "copy", "csv", "difflib", "fnmatch", "fractions",
            "functools", "glob", "gzip", "heapq", "html", "json", "keyword", "math", "operator", "pprint", "random",
            "re", "secrets", "shlex", "statistics", "string", "struct", "tempfile", "textwrap", "unicodedata",
@@ -130,12 +131,10 @@ def method_examples() -> list[dict]:
 
 
 def statement_examples() -> list[dict]:
-    spec = importlib.util.spec_from_file_location("_pydoc_topics", Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py")
-    topics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(topics)
+    topics = load_documents(None)  # the pydoc topics, as the main job reads them
     examples = []
     for keyword in STATEMENTS:
-        body = topics.topics[keyword].split("\n\n", 1)[1]  # drop the underlined title
+        body = topics[keyword].split("\n\n", 1)[1]  # drop the underlined title
         answer = first_sentence(body)
         if answer:
             examples.append(chat(f'What is the Python "{keyword}" statement for?', answer))
@@ -147,7 +146,8 @@ def jsonl(examples: list[dict]) -> bytes:
 
 
 def make(out: Path, modules: tuple[str, ...], heldout: tuple[str, ...]) -> dict:
-    """Write train.jsonl, heldout.jsonl, manifest.json and README.md into ``out`` (staged, then renamed)."""
+    """Write train.jsonl, heldout.jsonl, manifest.json and README.md into ``out``, all-or-nothing
+    (``llama.atomic_files.atomic_directory``; other files in ``out`` are kept)."""
     splits = {"train": statement_examples() + method_examples(), "heldout": []}
     for name in modules:
         splits["heldout" if name in heldout else "train"] += module_examples(name)
@@ -159,40 +159,31 @@ def make(out: Path, modules: tuple[str, ...], heldout: tuple[str, ...]) -> dict:
                 "licence": "PSF License Agreement for Python (https://docs.python.org/3/license.html)"}
     files["manifest.json"] = (json.dumps(manifest, indent=1) + "\n").encode()
     files["README.md"] = LICENCE.replace("{version}", ".".join(version)).encode()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".instruct-set-", dir=out))
-    try:
+    with atomic_directory(out) as staging:
+        link_other_files(out, staging, replaced=files.__contains__)
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        for name in files:
-            (staging / name).replace(out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> dict:
+    parser = Parser(prog="python tools/make_instruct_set.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "recipe" / "instruct" / "data")
     parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated standard-library modules")
     parser.add_argument("--heldout", default=",".join(HELDOUT), help="the modules whose questions are held out")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     modules, heldout = tuple(args.modules.split(",")), tuple(args.heldout.split(","))
-    try:
-        for name in modules:
+    for name in modules:
+        try:
             importlib.import_module(name)
-        if not set(heldout) <= set(modules):
-            raise ValueError(f"--heldout {args.heldout!r} names modules not in --modules")
-        manifest = make(args.out, modules, heldout)
-    except (ImportError, ValueError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        except ImportError as err:
+            parser.error(f"argument --modules: cannot import {name!r} ({err})")
+    if not set(heldout) <= set(modules):
+        parser.error(f"argument --heldout: {sorted(set(heldout) - set(modules))} are not in --modules")
+    manifest = make(args.out, modules, heldout)
     print(f"{manifest['examples']} examples from Python {manifest['python']} written to {args.out}")
-    return 0
+    return manifest
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama.tokenizer import is_byte_tokenizer
+
 BYTE_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -37,7 +39,7 @@ def special_tokens(model_dir: str | Path | None, tokenizer) -> dict[str, str]:
     """The special-token strings a template is rendered with: the byte tokenizer's, else those of the
     checkpoint's ``tokenizer_config.json`` (a string or an ``{"content": ...}`` object each), with BOS and
     EOS falling back to the ids in its ``config.json``."""
-    if not hasattr(tokenizer, "token_to_id"):
+    if is_byte_tokenizer(tokenizer):
         return dict(BYTE_SPECIAL_TOKENS)
     config_path = Path(model_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
@@ -63,7 +65,7 @@ class TextEncoder:
 
     def __init__(self, tokenizer, special: dict[str, str]):
         self.tokenizer, self.special = tokenizer, special
-        self.is_bytes = not hasattr(tokenizer, "token_to_id")
+        self.is_bytes = is_byte_tokenizer(tokenizer)
         if self.is_bytes:
             self._ids = {special["bos_token"]: tokenizer.bos_token_id, special["eos_token"]: tokenizer.eos_token_id}
             self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._ids, key=len, reverse=True))) + ")")
