@@ -24,8 +24,8 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
   (``elementwise_by_phase``, bf16 compute; x c / 2 for other compute bytes c):
 
       phase       bytes                                         (main job: t = 1024, n = 6)
-      forward     t (n (115.2 h + 10 i) + 84.5 h + 18 v)        250 MB
-      recompute   t n (115.2 h + 10 i)                          (checkpointing only)
+      forward     t (n (125.7 h + 18 i) + 109 h + 18 v)         307 MB
+      recompute   t n (125.7 h + 18 i)                          (checkpointing only)
       backward    t (n (279.4 h + 24 i) + 30 v)                 549 MB
 
   The hidden terms hold every tensor not i or v wide (hidden, KV and LoRA widths, norms' statistics, the
@@ -48,13 +48,14 @@ Work per rank and step (one micro-batch of b x s tokens; ``step_work``):
 
       phase       operators            Python calls            callbacks        collectives
       data        172                  1146                    0                1
-      forward     n (368 + 11 k) + 71  n (2242 + 105 k) + 451  n (8 + k) + 1    2 n + 3
-      recompute   n (326 + 11 k) - 18  n (3053 + 105 k) + 31   n (58 + k) - 8   0   (inside backward)
-      backward    n (385 + 25 k) - 77  n (2183 + 121 k) - 366  11 n             3 n + 1
+      forward     n (368 + 9 k) + 71   n (2242 + 105 k) + 451  n (8 + k) + 1    2 n + 3
+      recompute   n (249 + 20 k) - 18  n (3053 + 105 k) + 31   n (58 + k) - 8   0   (inside backward)
+      backward    n (386 + 23 k) - 77  n (2183 + 121 k) - 366  11 n             3 n + 1
       optimizer   13 n + 18            60 n + 268              0                1
 
-  plus 4 operators per dequantization for each 2**20-value chunk of a weight beyond its first. The main
-  job's step (n = 6, k = 7) makes 6,292 operators, ~38,000 Python calls, 157 callbacks and 36
+  plus 4 operators per dequantization for each 2**20-value chunk of a weight beyond its first. The
+  operators' per-k terms of the recompute and backward are refitted on the 6-layer model at k = 1 and 7
+  (exact at k = 7, within 1% at k = 1). The main job's step (n = 6, k = 7) makes 6,130 operators, ~38,000 Python calls, 157 callbacks and 36
   collectives per rank.
 
 Overlap assumptions: all-gathers and reduce-scatters overlap compute (the next unit is prefetched
@@ -112,14 +113,14 @@ MATMUL_FRACTION, MEMORY_FRACTION, LINK_FRACTION = 0.7, 0.8, 0.8
 HOST_ADAMW_BYTES_PER_S = 20e9   # AdamW on the host: a desktop's dual-channel DDR4/5, assumed
 # What a step dispatches per rank and phase (module doc; ``recipe.opcount``, torch 2.13, CPU path, one torch
 # thread): (per decoder layer, per LoRA-wrapped linear of a layer, once per model).
-OPS = {"data": (0, 0, 172), "forward": (368, 11, 71), "recompute": (326, 11, -18),
-       "backward": (385, 25, -77), "optimizer": (13, 0, 18)}
+OPS = {"data": (0, 0, 172), "forward": (368, 9, 71), "recompute": (249, 20, -18),
+       "backward": (386, 23, -77), "optimizer": (13, 0, 18)}
 PYTHON = {"data": (0, 0, 1146), "forward": (2242, 105, 451), "recompute": (3053, 105, 31),   # Python calls
           "backward": (2183, 121, -366), "optimizer": (60, 0, 268)}
 CALLBACKS = {"forward": (8, 1, 1), "recompute": (65 - 7, 1, -8), "backward": (11, 0, 0)}  # C++ -> Python calls
 COLLECTIVES = {"data": (0, 0, 1), "forward": (2, 0, 3), "backward": (3, 0, 1), "optimizer": (0, 0, 1)}
 # Memory-bound bytes per token and phase (module doc): (per layer x h, per layer x i, once x h, once x v).
-ELEMENTWISE = {"forward": (115.2, 10, 84.5, 18), "recompute": (115.2, 10, 0, 0), "backward": (279.4, 24, 0, 30)}
+ELEMENTWISE = {"forward": (125.7, 18, 109, 18), "recompute": (125.7, 18, 0, 0), "backward": (279.4, 24, 0, 30)}
 
 
 @dataclasses.dataclass(frozen=True)
