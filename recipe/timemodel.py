@@ -80,25 +80,25 @@ these large bf16 matmuls, 80% of memory bandwidth, 80% of the host and inter-GPU
 The reference system's published Llama-2-70B runs (2 GPUs, batch 2 x 2048 per GPU, LoRA on all linears,
 checkpointing, CPU offload; 1,024 samples, so 256 steps of 4 sequences): 2 x RTX 3090 in 11,795 s
 (46.1 s/step), 2 x RTX 4090 in 4,399 s (17.2 s/step). ``published_check`` (``python -m recipe.plan
---published``) predicts 40.5 s (0.88x) and 20.2 s (1.17x). The linears' compute is 85% and 73% of the
+--published``) predicts 40.8 s (0.89x) and 20.4 s (1.19x). The linears' compute is 84% and 73% of the
 two predictions, so the residual is mostly the one achieved fraction (70%) assumed for both cards: with
-everything else as modelled, the published times mean ~60% of the RTX 3090's 71 TFLOP/s and ~88% of the
+everything else as modelled, the published times mean ~61% of the RTX 3090's 71 TFLOP/s and ~90% of the
 RTX 4090's 165; the published 3090/4090 ratio (2.68x) is larger than the datasheets' (2.33x), which no
-single fraction can match. The counted elementwise bytes (1.8 TB per rank and step at 70B width, bound by
-HBM: 2.4 s and 2.2 s) are a part of that residual's size only. The reference system also runs another
+single fraction can match. The counted elementwise bytes (2.0 TB per rank and step at 70B width, bound by
+HBM: 2.7 s and 2.5 s) are a part of that residual's size only. The reference system also runs another
 stack (Hugging Face attention and bitsandbytes kernels, FSDP's own offload), whose copies may overlap
-differently from the serial ones assumed here. The host overhead there (~129,000 operators, ~763,000
-Python calls, ~7,100 callbacks, 406 collectives per step at the assumed per-call costs: 1.68 s) hides
-behind the GPUs' work; paid in line it would be 4.2% and 8.4% of the steps.
+differently from the serial ones assumed here. The host overhead there (~126,000 operators, ~763,000
+Python calls, ~7,100 callbacks, 406 collectives per step at the assumed per-call costs: 1.65 s) hides
+behind the GPUs' work; paid in line it would be 4.0% and 8.1% of the steps.
 
 On this 2-core CPU (``--cpu``; ``python -m recipe.timecheck`` for the bundled model, which measures the
 rates and the steps in the same processes; all measured while the machine was shared): the main job
-(batch 4 x 256, packed rows) is predicted at 0.93x / 0.99x of its measured CPU time per step at 1 / 2
-ranks, and 0.84x / 0.99x of its wall-clock step (another run: 0.90x / 0.85x by CPU time, 0.96x / 0.98x
-by the wall clock). The LoRA adapters (rank 8) run at 23-27 GFLOP/s of CPU
-time against 178-181 for the large matmuls: they are a third of the predicted compute. The elementwise
-bytes are 12-16% of the prediction (13-17 GB/s; timed operator by operator inside the step, ~12), the
-overhead 6-10%. A Llama-2-7B-width slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) was
+(batch 4 x 256, packed rows) is predicted at 0.92x / 0.94x of its measured CPU time per step at 1 / 2
+ranks, and 0.90x / 0.78x of its wall-clock step (two earlier runs: 0.93x / 0.99x and 0.90x / 0.85x by
+CPU time). The LoRA adapters (rank 8) run at 27-29 GFLOP/s of CPU time against 201-206 for the large
+matmuls: they are a third of the predicted compute. The elementwise bytes are 13% of the prediction
+(18-20 GB/s; timed operator by operator inside the step, ~12), the overhead 6-10%. A Llama-2-7B-width
+slice (1 layer, batch 1 x 2048, 2 ranks, bf16, ``--packed``) was
 predicted at 111 s/step against 116 s/step measured (0.96x) before the elementwise bytes (~7.9 GB
 there) and the adapters' rate were measured (not re-measured since).
 """
