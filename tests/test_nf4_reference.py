@@ -19,14 +19,17 @@ def assert_same_weight(a, b):
     assert (a.shape, a.dtype, a.block_size) == (b.shape, b.dtype, b.block_size)
 
 
+@pytest.mark.parametrize("rounding", ["cpu", "cuda"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [32, 64, 4096])
-def test_fast_path_equals_reference(shape, dtype, block_size):
+def test_fast_path_equals_reference(shape, dtype, block_size, rounding):
+    """Under either rounding rule (``nf4/rounding.py``) the fast path gives the reference's bytes and values."""
     torch.manual_seed(sum(shape) + block_size)
     w = (torch.randn(shape) * 3).to(dtype)
     for double_quant in (False, True):
-        fast, plain = nf4.quantize(w, block_size, double_quant), nf4.quantize_reference(w, block_size, double_quant)
+        fast = nf4.quantize(w, block_size, double_quant, rounding=rounding)
+        plain = nf4.quantize_reference(w, block_size, double_quant, rounding=rounding)
         assert_same_weight(fast, plain)
         for out_dtype in DTYPES:
             expected = nf4.dequantize_reference(plain, out_dtype)
