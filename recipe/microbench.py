@@ -1,6 +1,6 @@
 """This machine's rates for the step-time model (``recipe.timemodel.Machine``), measured per rank.
 
-    python -m recipe.microbench --ranks 2 --dtype bf16
+    python -m recipe.microbench --ranks 2 --dtype bfloat16
 
 ``ranks`` gloo processes run each measurement at the same time, as training ranks share the cores, at
 the shapes of one step (``recipe.timemodel.Workload``): matmul FLOP/s over the step's linear shapes
@@ -17,7 +17,6 @@ measured on a machine shared with other work move with its load; the model is on
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,6 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from llama.cli import Parser, integer, run_command
 
 from .timemodel import Machine, Workload, workload_of
 
@@ -224,7 +225,8 @@ def measure_machine(workload: Workload, ranks: int = 2, dtype: str = "bfloat16",
         mp.spawn(_rank, args=(ranks, store, dtype, workload, repeats, threads, queue), nprocs=ranks)
         rates = queue.get()
     finally:
-        os.unlink(store) if os.path.exists(store) else None
+        if os.path.exists(store):
+            os.unlink(store)
     return Machine(name=f"this CPU ({ranks} ranks x {threads} threads, {dtype})", host_link_bytes_per_s=None,
                    source="measured by recipe.microbench", **rates)
 
@@ -244,10 +246,10 @@ def main(argv=None) -> Machine:
 
     from .plan import Setup
 
-    p = argparse.ArgumentParser(prog="python -m recipe.microbench", description=__doc__.split("\n")[0])
-    p.add_argument("--ranks", type=int, default=2)
+    p = Parser(prog="python -m recipe.microbench", description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=integer(minimum=1), default=2)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=integer(minimum=1), default=5)
     args = p.parse_args(argv)
     setup = Setup(world_size=args.ranks, batch_size=4, seq_len=256, rank=8, activation_checkpointing=False)
     machine = measure_machine(workload_of(BUNDLED_MODEL, setup, masked=True), args.ranks, args.dtype, args.repeats)
@@ -256,4 +258,4 @@ def main(argv=None) -> Machine:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -141,6 +141,8 @@ BENCHMARK_FLAGS = [
     ("benchmarks.lora", ["--tokens", "0"], "argument --tokens: expected an integer >= 1, got '0'"),
     ("benchmarks.nf4", ["--threads", "x"], "argument --threads: expected an integer >= 1, got 'x'"),
     ("benchmarks.quant_quality", ["--model", "/nonexistent"], "argument --model: no config.json in /nonexistent"),
+    ("recipe.microbench", ["--ranks", "0"], "argument --ranks: expected an integer >= 1, got '0'"),
+    ("recipe.microbench", ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
 ]
 
 
