@@ -17,8 +17,6 @@ reuses one workspace instead of allocating (and, on CPU, page-faulting) a fresh 
 """
 import importlib.util
 import os
-import subprocess
-import warnings
 
 import torch
 
@@ -26,12 +24,11 @@ from .checks import check_dtype, check_out, check_quantized_weight
 from .fast_path import dequantize_into
 from .quantized_weight import QuantizedWeight
 from .reference import block_absmax
+from .triton_fallback import new_state, triton_or_fallback
 
 __all__ = ["dequantize", "block_absmax"]
 BACKENDS = ("auto", "torch", "triton")
-# What a failed build of Triton's launcher raises (no compiler: RuntimeError; compiler error: CalledProcessError)
-_BUILD_ERRORS = (ImportError, RuntimeError, OSError, subprocess.CalledProcessError)
-_triton_state = {"built": False, "broken": None}  # broken: why the kernel could not be built, once known
+_triton_state = new_state()  # whether the kernel has launched, or why it cannot
 
 
 def dequantize_torch(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,20 +46,8 @@ def _triton(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None) -
 
 def _triton_or_fallback(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     """Triton; if its first launch cannot build the kernel, one warning and the PyTorch path from then on."""
-    if _triton_state["broken"] is not None:
-        return dequantize_torch(qw, dtype, out)
-    if _triton_state["built"]:
-        return _triton(qw, dtype, out)
-    try:
-        result = _triton(qw, dtype, out)
-    except _BUILD_ERRORS as err:
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        _triton_state["broken"] = reason
-        warnings.warn(f"nf4: the Triton dequantize kernel could not be built ({reason}); using the PyTorch path",
-                      RuntimeWarning, stacklevel=3)
-        return dequantize_torch(qw, dtype, out)
-    _triton_state["built"] = True
-    return result
+    return triton_or_fallback(_triton_state, lambda: _triton(qw, dtype, out), lambda: dequantize_torch(qw, dtype, out),
+                              "dequantize kernel could not be built ({reason}); using the PyTorch path")
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, backend: str = "auto",

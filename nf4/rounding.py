@@ -27,18 +27,15 @@ and tested on the CPU; it has not yet been run on a GPU against bitsandbytes.
 """
 import functools
 import importlib.util
-import subprocess
-import warnings
 
 import torch
 
 from .codebook import NF4_CUDA_THRESHOLDS, NF4_MIDPOINTS
+from .triton_fallback import new_state, triton_or_fallback
 
 ROUNDINGS = ("cpu", "cuda")
 SMALLEST_NORMAL = 2.0**-126  # fp32: below this magnitude a flush-to-zero unit reads a value as 0
-# What a Triton launch that cannot run raises (no compiler, no launcher, or tensors without memory)
-_LAUNCH_ERRORS = (ImportError, RuntimeError, OSError, AssertionError, subprocess.CalledProcessError)
-_triton_state = {"broken": None}
+_triton_state = new_state()  # whether the reciprocal kernel has launched, or why it cannot
 
 
 def check_rounding(rounding, device: torch.device) -> str:
@@ -65,13 +62,15 @@ def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
 def kernel_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
     """rcp(absmax) as the CUDA kernel computes it (fp32, subnormal results flushed): on a GPU the same
     approximate instruction; elsewhere (or if Triton cannot launch) the correctly rounded 1 / absmax."""
-    if absmax.device.type == "cuda" and _triton_state["broken"] is None and importlib.util.find_spec("triton"):
-        try:
-            from .triton_reciprocal import approximate_reciprocal
-
-            return approximate_reciprocal(absmax)
-        except _LAUNCH_ERRORS as err:
-            _triton_state["broken"] = reason = f"{type(err).__name__}: {(str(err).strip() or ' ').splitlines()[0]}"
-            warnings.warn(f"nf4: the Triton reciprocal could not run ({reason}); the CUDA rounding rule uses the "
-                          "correctly rounded 1 / absmax (within 1 ulp of the kernel's)", RuntimeWarning, stacklevel=2)
+    if absmax.device.type == "cuda" and importlib.util.find_spec("triton"):
+        return triton_or_fallback(_triton_state, lambda: _approximate_reciprocal(absmax),
+                                  lambda: flush_subnormals(1.0 / absmax),
+                                  "reciprocal could not run ({reason}); the CUDA rounding rule uses the correctly "
+                                  "rounded 1 / absmax (within 1 ulp of the kernel's)")
     return flush_subnormals(1.0 / absmax)
+
+
+def _approximate_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    from .triton_reciprocal import approximate_reciprocal  # imports triton
+
+    return approximate_reciprocal(absmax)
